@@ -1,0 +1,281 @@
+"""The ``polybridge`` command line.
+
+Every command reads the registry (``--registry PATH``, ``$POLYBRIDGE_REGISTRY``, or the nearest
+``registry.yaml``). Errors print one line naming the file, key or argument and exit with code 2;
+heavy libraries are imported only by the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from polybridge import __version__
+from polybridge.registry import Registry, RegistryError, load_registry
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return load_registry(args.registry)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _entry_summary(entry) -> dict[str, Any]:
+    return {
+        "code": entry.code,
+        "name": entry.name,
+        "native_name": entry.native_name,
+        "scripts": list(entry.scripts),
+        "branch": entry.branch.type if entry.branch else "(backbone)",
+        "concepts": list(entry.synthetic.concepts) if entry.synthetic else [],
+        "status": entry.status(),
+        "fallback": entry.fallback,
+    }
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    summaries = [_entry_summary(e) for e in reg.languages.values()]
+    if args.json:
+        _print_json({"registry": str(reg.file), "default_backbone": reg.default_backbone, "languages": summaries})
+        return 0
+    rows = [[s["code"], s["name"], s["native_name"] or "", ",".join(s["scripts"]), s["branch"],
+             s["status"]["tokenizer"], s["status"]["encoder"], s["status"]["branch"], ",".join(s["concepts"])]
+            for s in summaries]
+    print(f"registry: {reg.file}  (default backbone: {reg.default_backbone})")
+    print(_table(rows, ["code", "name", "native", "scripts", "branch", "tokenizer", "encoder", "weights", "concepts"]))
+    return 0
+
+
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    entry = _registry(args).language(args.code)
+    data = dataclasses.asdict(entry)
+    data["status"] = entry.status()
+    if args.json:
+        _print_json(data)
+    else:
+        import yaml
+
+        print(f"# {entry.file}")
+        print(yaml.safe_dump(json.loads(json.dumps(data, default=str)), allow_unicode=True, sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_registry_validate(args: argparse.Namespace) -> int:
+    from polybridge.synthetic.captions import load_grammars
+
+    reg = _registry(args)
+    grammars = load_grammars(reg)
+    report = {code: {"entry": "ok", "grammar": "ok" if code in grammars else "none", **entry.status()}
+              for code, entry in reg.languages.items()}
+    if args.json:
+        _print_json({"registry": str(reg.file), "valid": True, "languages": report})
+    else:
+        print(f"{reg.file}: valid ({len(reg.languages)} languages, {len(reg.backbones)} backbones)")
+        rows = [[c, r["entry"], r["grammar"], r["tokenizer"], r["encoder"], r["branch"]] for c, r in report.items()]
+        print(_table(rows, ["code", "entry", "grammar", "tokenizer", "encoder", "weights"]))
+    return 0
+
+
+def cmd_registry_add(args: argparse.Namespace) -> int:
+    from polybridge.scaffold import add_language
+
+    reg = _registry(args)
+    folder = add_language(reg, args.code, name=args.name, native_name=args.native_name, scripts=args.scripts,
+                          branch_type=args.branch, concepts=args.concepts)
+    print(f"added {args.code!r}: {folder}")
+    print(f"next: edit {folder / 'language.yaml'} and {folder / 'grammar.yaml'}, then "
+          f"`polybridge registry validate` and `polybridge tokenizer build --lang {args.code}`")
+    return 0
+
+
+# --------------------------------------------------------------------------- synth
+
+
+def cmd_synth_render(args: argparse.Namespace) -> int:
+    from polybridge.synthetic.captions import Captioner
+    from polybridge.synthetic.dataset import render_to_dir
+
+    reg = _registry(args)
+    langs = [args.lang, *(args.mix or [])]
+    for code in langs:
+        reg.language(code)  # unknown code: RegistryError listing the valid ones
+    captioner = Captioner(reg, langs)
+    out = render_to_dir(args.out, n=args.n, seed=args.seed, split=args.split, size=args.size, lang=args.lang,
+                        captioner=captioner.for_languages(langs), overwrite=args.overwrite)
+    if args.json:
+        _print_json({"out": str(out), "n": args.n, "seed": args.seed, "split": args.split, "lang": langs})
+    else:
+        print(f"wrote {args.n} scenes to {out} (images + scenes.jsonl)")
+    return 0
+
+
+def cmd_synth_score(args: argparse.Namespace) -> int:
+    from polybridge.synthetic.scorer import SceneScorer, load_default_scorer, score_dir
+
+    scorer = SceneScorer.from_pretrained(args.scorer) if args.scorer else load_default_scorer()
+    result = score_dir(args.dir, scorer=scorer)
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"{args.dir}: {result.get('n_images', '?')} images")
+    acc = result.get("accuracy", result)
+    rows = [[k, f"{v:.3f}" if isinstance(v, float) else str(v)] for k, v in acc.items() if not isinstance(v, dict)]
+    print(_table(rows, ["attribute", "accuracy"]))
+    return 0
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def cmd_tokenizer_build(args: argparse.Namespace) -> int:
+    from polybridge.tokenizer import build_language_tokenizer
+
+    reg = _registry(args)
+    codes = list(reg.codes) if args.all else [reg.language(args.lang).code]
+    for code in codes:
+        entry = reg.language(code)
+        if entry.synthetic is None:
+            raise CommandError(f"{entry.file}: synthetic: {code!r} has no grammar to train a tokenizer on")
+        # The backbone's language has no native encoder; its tokenizer serves the world's own CLIP.
+        out = entry.tokenizer_source if entry.encoder is not None else entry.folder / "tokenizer"
+        if isinstance(out, str):
+            raise CommandError(f"{entry.file}: encoder.tokenizer: {out!r} is a hub id; "
+                               "set a local path (./tokenizer) to build one here")
+        path = build_language_tokenizer(code, entry.grammar_path, entry.synthetic.concepts, out,
+                                        n_captions=args.n_captions, seed=args.seed)
+        print(f"{code}: tokenizer written to {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polybridge",
+        description="One frozen English text-to-image backbone, many native-language branches.",
+        epilog="Run `polybridge COMMAND --help` for each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"polybridge {__version__}")
+    parser.add_argument("--registry", metavar="PATH", default=None,
+                        help="registry.yaml or its folder (default: $POLYBRIDGE_REGISTRY, else the nearest registry.yaml)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # registry
+    p_reg = sub.add_parser("registry", help="list, show, validate and add languages",
+                           description="The language registry: registry.yaml plus languages/<code>/language.yaml.")
+    reg_sub = p_reg.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+    p = reg_sub.add_parser("list", help="one line per registered language, with what is built")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_registry_list)
+    p = reg_sub.add_parser("show", help="one language's whole entry")
+    p.add_argument("code", help="language code, e.g. zh")
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    p.set_defaults(func=cmd_registry_show)
+    p = reg_sub.add_parser("validate", help="parse every entry and grammar; exit 2 naming the first problem")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_registry_validate)
+    p = reg_sub.add_parser("add", help="scaffold languages/CODE/ from a commented template that validates as written",
+                           description="Create languages/CODE/language.yaml and grammar.yaml from templates and "
+                                       "register CODE in registry.yaml. Nothing is written if anything fails.")
+    p.add_argument("code", help="ISO 639 code of the new language, e.g. pt or pt-BR")
+    p.add_argument("--name", required=True, help="English name, e.g. Portuguese")
+    p.add_argument("--native-name", default=None, help="the language's own name for itself, e.g. Português")
+    p.add_argument("--scripts", nargs="+", default=["Latin"], metavar="SCRIPT",
+                   help="Unicode scripts it is written in (default: Latin)")
+    p.add_argument("--branch", default="bdm", help="branch type: bdm or pea (default: bdm)")
+    p.add_argument("--concepts", nargs="*", default=[], metavar="CONCEPT",
+                   help="culture-specific concepts of the synthetic world that this language owns")
+    p.set_defaults(func=cmd_registry_add)
+
+    # synth
+    p_syn = sub.add_parser("synth", help="render and score the synthetic world",
+                           description="The synthetic world: seeded scenes with captions in every registered language.")
+    syn_sub = p_syn.add_subparsers(dest="synth_command", metavar="ACTION", required=True)
+    p = syn_sub.add_parser("render", help="write N scenes as PNGs plus scenes.jsonl (captions and ground truth)",
+                           description="Render N seeded scenes into DIR: 000000.png, ... and scenes.jsonl. "
+                                       "The folder appears whole or not at all.")
+    p.add_argument("--lang", required=True, help="caption language code (see `polybridge registry list`)")
+    p.add_argument("--mix", nargs="+", metavar="LANG", default=None,
+                   help="caption two-object scenes with object 2 in LANG (mixed-language prompts)")
+    p.add_argument("-n", type=_positive_int, required=True, help="number of scenes (at least 1)")
+    p.add_argument("--seed", type=int, default=0, help="scene seed (default 0); same seed, same scenes")
+    p.add_argument("--split", choices=["train", "validation", "test"], default="test",
+                   help="which split's stream to sample (default test; train never holds the held-out combinations)")
+    p.add_argument("--size", type=_positive_int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--json", action="store_true", help="print what was run as JSON")
+    p.set_defaults(func=cmd_synth_render)
+    p = syn_sub.add_parser("score", help="score the images in DIR against its scenes.jsonl with the ground-truth scorer")
+    p.add_argument("dir", help="folder with scenes.jsonl and the PNGs it names")
+    p.add_argument("--scorer", default=None, help="scorer folder (default: the committed one)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_synth_score)
+
+    # tokenizer
+    p_tok = sub.add_parser("tokenizer", help="build per-language sentencepiece tokenizers")
+    tok_sub = p_tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    p = tok_sub.add_parser("build", help="train a language's tokenizer on its synthetic captions",
+                           description="Train a sentencepiece tokenizer on synthetic captions and save it where "
+                                       "the language's entry points (encoder.tokenizer), loadable by AutoTokenizer.")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--lang", help="language code")
+    group.add_argument("--all", action="store_true", help="every registered language")
+    p.add_argument("--n-captions", type=_positive_int, default=20000, help="captions to train on (default 20000)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.set_defaults(func=cmd_tokenizer_build)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (RegistryError, CommandError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+        print(f"polybridge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("polybridge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

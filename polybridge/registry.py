@@ -1,0 +1,612 @@
+"""The language registry: ``registry.yaml`` plus one ``languages/<code>/language.yaml`` per language.
+
+Adding a language is data, not code. Everything is parsed into typed, frozen dataclasses and
+validated at the edge: an unknown key, a wrong type, a missing file, a duplicate code or an unknown
+branch type raises :class:`RegistryError` naming the file, the key and what would be valid, and
+nothing is half-loaded (the :class:`Registry` is built only once every entry has parsed).
+
+Sources (encoder, tokenizer, branch weights, datasets) are either a hub id (``org/name``) or a
+local path, which must start with ``./``, ``../`` or ``/`` and is resolved against the folder of
+the file that names it. Local weights that are built later (an encoder, a branch) may be absent:
+:meth:`LanguageEntry.status` reports them; loading them is where a missing file becomes an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from polybridge.unicode_scripts import KNOWN_SCRIPTS
+
+REGISTRY_FILE = "registry.yaml"
+LANGUAGE_FILE = "language.yaml"
+REGISTRY_ENV = "POLYBRIDGE_REGISTRY"
+
+#: Branch types a registry entry may name. ``polybridge.branches`` registers one class per name;
+#: a test keeps the two lists equal (the registry sits below the branches and cannot import them).
+BRANCH_TYPES: tuple[str, ...] = ("bdm", "pea")
+
+#: transformers text-model classes a native encoder may be loaded with.
+ENCODER_CLASSES: tuple[str, ...] = (
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "ChineseCLIPTextModel",
+    "AltCLIPTextModel",
+    "XLMRobertaModel",
+    "BertModel",
+    "RobertaModel",
+    "T5EncoderModel",
+    "MT5EncoderModel",
+)
+
+#: Backbone architectures: the UNet / text-encoder layout a branch is built against.
+BACKBONE_ARCHITECTURES: tuple[str, ...] = ("sd1", "sd2")
+
+#: What happens to a prompt in a language whose branch is not trained (see README, "Fallbacks").
+FALLBACKS: tuple[str, ...] = ("zero-branch", "backbone", "error")
+
+CODE_PATTERN = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+class RegistryError(ValueError):
+    """A registry file is wrong. The message names the file, the key and what would be valid."""
+
+    def __init__(self, file: str | Path, key: str | None, problem: str, valid: typing.Iterable[str] | None = None):
+        self.file = str(file)
+        self.key = key
+        self.problem = problem
+        self.valid = tuple(valid) if valid is not None else None
+        where = f"{self.file}: {key}: " if key else f"{self.file}: "
+        message = where + problem
+        if self.valid is not None:
+            message += "; valid: " + (", ".join(self.valid) if self.valid else "(none)")
+        super().__init__(message)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def is_local_source(source: str) -> bool:
+    """Local paths are explicit (``./``, ``../``, ``/``, ``~``); anything else is a hub id."""
+    return source.startswith(("./", "../", "/", "~")) or source in (".", "..")
+
+
+def resolve_source(source: str, base: Path) -> Path | str:
+    """A local source as an absolute :class:`Path` (relative to ``base``), a hub id unchanged."""
+    if is_local_source(source):
+        return (base / Path(source).expanduser()).resolve()
+    return source
+
+
+# --------------------------------------------------------------------------- typed entries
+
+
+def _derived(default: Any = None) -> Any:
+    """A field filled in by the loader (not read from YAML)."""
+    return field(default=default, metadata={"derived": True}, compare=False)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The native text encoder: a transformers text model and its tokenizer."""
+
+    source: str
+    model_class: str
+    tokenizer: str
+    tokenizer_class: str = "auto"
+    hidden_layer: int = -1
+    max_length: int = 64
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Hyperparameters the common trainer reads; command-line flags override them."""
+
+    learning_rate: float = 1e-4
+    batch_size: int = 64
+    max_steps: int = 2000
+    warmup_steps: int = 100
+    gradient_accumulation_steps: int = 1
+    caption_dropout: float = 0.1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    checkpoint_every: int = 500
+    distill_weight: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """The trained branch: its type, where its weights live (``null`` until trained), how to train it."""
+
+    type: str
+    weights: str | None = None
+    scale: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Training data: ``synthetic`` (this project's world), a hub dataset id or a local path."""
+
+    dataset: str
+    caption_column: str
+    english_column: str | None = None
+    image_column: str = "image"
+    split: str = "train"
+    num_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """This language's part of the synthetic world: its caption grammar and the concepts it owns."""
+
+    grammar: str
+    concepts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Benchmark prompts: files of curated prompts plus a sample of the synthetic test split."""
+
+    prompt_sets: tuple[str, ...] = ()
+    synthetic_split: Literal["train", "validation", "test"] = "test"
+    synthetic_prompts: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LanguageEntry:
+    """One registered language. ``encoder`` and ``branch`` are ``null`` for the backbone's own language."""
+
+    code: str
+    name: str
+    scripts: tuple[str, ...]
+    native_name: str | None = None
+    encoder: EncoderSpec | None = None
+    branch: BranchSpec | None = None
+    data: DataSpec | None = None
+    synthetic: SyntheticSpec | None = None
+    benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
+    fallback: str = "zero-branch"
+    folder: Path = _derived()
+    file: Path = _derived()
+
+    @property
+    def is_backbone_language(self) -> bool:
+        return self.encoder is None
+
+    def resolve(self, source: str) -> Path | str:
+        """A source named in this entry: absolute path for local ones, hub id otherwise."""
+        return resolve_source(source, self.folder)
+
+    @property
+    def grammar_path(self) -> Path | None:
+        return None if self.synthetic is None else Path(self.resolve(self.synthetic.grammar))
+
+    @property
+    def tokenizer_source(self) -> Path | str | None:
+        return None if self.encoder is None else self.resolve(self.encoder.tokenizer)
+
+    @property
+    def encoder_source(self) -> Path | str | None:
+        return None if self.encoder is None else self.resolve(self.encoder.source)
+
+    @property
+    def branch_source(self) -> Path | str | None:
+        if self.branch is None or self.branch.weights is None:
+            return None
+        return self.resolve(self.branch.weights)
+
+    def status(self) -> dict[str, str]:
+        """Whether each built artifact is present: ``present``, ``missing``, ``hub`` or ``none``."""
+
+        def state(src: Path | str | None) -> str:
+            if src is None:
+                return "none"
+            if isinstance(src, str):
+                return "hub"
+            return "present" if src.exists() else "missing"
+
+        return {
+            "tokenizer": state(self.tokenizer_source),
+            "encoder": state(self.encoder_source),
+            "branch": state(self.branch_source),
+        }
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A frozen English-native backbone in diffusers format."""
+
+    source: str
+    architecture: str = "sd1"
+    language: str = "en"
+    description: str = ""
+    revision: str | None = None
+    name: str = _derived("")
+
+
+@dataclass(frozen=True)
+class RegistrySpec:
+    """The top-level ``registry.yaml`` as written (before the language files are read)."""
+
+    backbones: dict[str, BackboneSpec]
+    default_backbone: str
+    languages: tuple[str, ...]
+    fallback_language: str = "en"
+    detection_threshold: float = 0.5
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The whole registry, every language parsed and cross-checked."""
+
+    root: Path
+    file: Path
+    backbones: Mapping[str, BackboneSpec]
+    default_backbone: str
+    languages: Mapping[str, LanguageEntry]
+    fallback_language: str
+    detection_threshold: float
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return tuple(self.languages)
+
+    def language(self, code: str) -> LanguageEntry:
+        try:
+            return self.languages[code]
+        except KeyError:
+            raise RegistryError(self.file, "languages", f"unknown language code {code!r}{_suggest(code, self.languages)}",
+                                valid=self.languages) from None
+
+    def backbone(self, name: str | None = None) -> BackboneSpec:
+        name = name or self.default_backbone
+        try:
+            return self.backbones[name]
+        except KeyError:
+            raise RegistryError(self.file, "backbones", f"unknown backbone {name!r}", valid=self.backbones) from None
+
+    def backbone_source(self, name: str | None = None) -> Path | str:
+        return resolve_source(self.backbone(name).source, self.root)
+
+    @property
+    def native_codes(self) -> tuple[str, ...]:
+        """Languages that get a branch (every language but the backbone's)."""
+        return tuple(c for c, e in self.languages.items() if not e.is_backbone_language)
+
+
+# --------------------------------------------------------------------------- YAML reading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key written twice in one mapping is an error instead of silently last-wins."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse one YAML file safely; every failure is a RegistryError naming the file (and line)."""
+    if not path.is_file():
+        raise RegistryError(path, None, "file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(path, None, f"cannot read: {exc}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RegistryError(path, None, f"not valid YAML: {where}{problem}") from None
+
+
+# --------------------------------------------------------------------------- typed parsing
+
+
+def _suggest(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        item = typing.get_args(tp)[0]
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+        return f"a list of {plural.get(item, _type_name(item))}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, file: Path, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, file, key)
+            except RegistryError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise RegistryError(file, key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise RegistryError(file, key, f"{value!r} is not allowed{_suggest(value, map(str, allowed))}",
+                                valid=[str(a) for a in allowed])
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise RegistryError(file, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, file, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RegistryError(file, key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {str(k): _convert(v, val_tp, file, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return parse_dataclass(tp, value, file, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RegistryError(file, key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RegistryError(file, key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept what Python reads as a number.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise RegistryError(file, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RegistryError(file, key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"registry field type {tp!r} is not supported")  # a bug in this module, not in the file
+
+
+def parse_dataclass(cls: type, data: Any, file: Path, key: str = "") -> Any:
+    """Build frozen dataclass ``cls`` from a YAML mapping, rejecting unknown keys and wrong types."""
+    where = key or "(top level)"
+    if not isinstance(data, dict):
+        raise RegistryError(file, where, f"expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
+    for name in data:
+        if name not in fields:
+            raise RegistryError(file, _join(key, str(name)), f"unknown key{_suggest(name, fields)}", valid=fields)
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _convert(data[name], hints[name], file, _join(key, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RegistryError(file, _join(key, name), f"required key is missing ({_type_name(hints[name])})")
+    return cls(**values)
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+def _check_source(value: str | None, file: Path, key: str, must_exist: bool) -> None:
+    if value is None:
+        return
+    if not value.strip():
+        raise RegistryError(file, key, "empty source; give a hub id (org/name) or a local path starting with ./")
+    if is_local_source(value):
+        if must_exist and not resolve_source(value, file.parent).exists():
+            raise RegistryError(file, key, f"local path {value!r} does not exist "
+                                f"(resolved to {resolve_source(value, file.parent)})")
+    elif not _HUB_ID_RE.match(value):
+        raise RegistryError(file, key, f"{value!r} is neither a hub id (org/name) nor a local path "
+                            "(local paths start with ./, ../ or /)")
+
+
+def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> None:
+    if entry.code != expected_code:
+        raise RegistryError(file, "code", f"{entry.code!r} does not match its folder / registry code {expected_code!r}")
+    if not entry.scripts:
+        raise RegistryError(file, "scripts", "at least one Unicode script is required", valid=KNOWN_SCRIPTS)
+    for i, script in enumerate(entry.scripts):
+        if script not in KNOWN_SCRIPTS:
+            raise RegistryError(file, f"scripts[{i}]", f"unknown script {script!r}{_suggest(script, KNOWN_SCRIPTS)}",
+                                valid=KNOWN_SCRIPTS)
+    if entry.fallback not in FALLBACKS:
+        raise RegistryError(file, "fallback", f"unknown fallback {entry.fallback!r}{_suggest(entry.fallback, FALLBACKS)}",
+                            valid=FALLBACKS)
+    if (entry.encoder is None) != (entry.branch is None):
+        raise RegistryError(file, "branch" if entry.branch is None else "encoder",
+                            "a native language needs both an encoder and a branch; the backbone's language has neither")
+    if entry.encoder is not None:
+        enc = entry.encoder
+        if enc.model_class not in ENCODER_CLASSES:
+            raise RegistryError(file, "encoder.model_class",
+                                f"unknown encoder class {enc.model_class!r}{_suggest(enc.model_class, ENCODER_CLASSES)}",
+                                valid=ENCODER_CLASSES)
+        if enc.max_length < 1:
+            raise RegistryError(file, "encoder.max_length", f"must be at least 1, got {enc.max_length}")
+        _check_source(enc.source, file, "encoder.source", must_exist=False)
+        _check_source(enc.tokenizer, file, "encoder.tokenizer", must_exist=False)
+    if entry.branch is not None:
+        br = entry.branch
+        if br.type not in BRANCH_TYPES:
+            raise RegistryError(file, "branch.type", f"unknown branch type {br.type!r}{_suggest(br.type, BRANCH_TYPES)}",
+                                valid=BRANCH_TYPES)
+        _check_source(br.weights, file, "branch.weights", must_exist=False)
+        tr = br.training
+        for name in ("learning_rate", "batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every"):
+            if getattr(tr, name) <= 0:
+                raise RegistryError(file, f"branch.training.{name}", f"must be positive, got {getattr(tr, name)}")
+        if not 0.0 <= tr.caption_dropout < 1.0:
+            raise RegistryError(file, "branch.training.caption_dropout", f"must be in [0, 1), got {tr.caption_dropout}")
+    if entry.data is not None and entry.data.dataset != "synthetic":
+        _check_source(entry.data.dataset, file, "data.dataset", must_exist=True)
+    if entry.synthetic is not None:
+        _check_source(entry.synthetic.grammar, file, "synthetic.grammar", must_exist=True)
+        if len(set(entry.synthetic.concepts)) != len(entry.synthetic.concepts):
+            raise RegistryError(file, "synthetic.concepts", "a concept is listed twice")
+    if entry.data is not None and entry.data.dataset == "synthetic" and entry.synthetic is None:
+        raise RegistryError(file, "data.dataset", "'synthetic' data needs a 'synthetic:' section with a grammar")
+    for i, prompt_file in enumerate(entry.benchmark.prompt_sets):
+        _check_source(prompt_file, file, f"benchmark.prompt_sets[{i}]", must_exist=True)
+    if entry.benchmark.synthetic_prompts < 1:
+        raise RegistryError(file, "benchmark.synthetic_prompts", f"must be at least 1, got {entry.benchmark.synthetic_prompts}")
+
+
+def load_language(folder: Path, code: str | None = None) -> LanguageEntry:
+    """Parse and check one ``languages/<code>/language.yaml``."""
+    folder = Path(folder).resolve()
+    file = folder / LANGUAGE_FILE
+    data = read_yaml(file)
+    entry = parse_dataclass(LanguageEntry, data, file)
+    # Plain relative file names (``grammar.yaml``) are allowed for files inside the language folder.
+    if entry.synthetic is not None and not is_local_source(entry.synthetic.grammar):
+        entry = dataclasses.replace(entry, synthetic=dataclasses.replace(
+            entry.synthetic, grammar="./" + entry.synthetic.grammar))
+    if entry.benchmark.prompt_sets:
+        entry = dataclasses.replace(entry, benchmark=dataclasses.replace(entry.benchmark, prompt_sets=tuple(
+            p if is_local_source(p) else "./" + p for p in entry.benchmark.prompt_sets)))
+    entry = dataclasses.replace(entry, folder=folder, file=file)
+    _check_language(entry, file, code or folder.name)
+    return entry
+
+
+def load_registry(path: str | Path | None = None) -> Registry:
+    """Load ``registry.yaml`` and every language it lists; all or nothing.
+
+    ``path`` may be the file or its folder; by default it is found via :func:`find_registry`.
+    """
+    file = find_registry(path)
+    root = file.parent
+    spec = parse_dataclass(RegistrySpec, read_yaml(file), file)
+    if not spec.backbones:
+        raise RegistryError(file, "backbones", "at least one backbone is required")
+    backbones = {}
+    for name, bb in spec.backbones.items():
+        if bb.architecture not in BACKBONE_ARCHITECTURES:
+            raise RegistryError(file, f"backbones.{name}.architecture", f"unknown architecture {bb.architecture!r}",
+                                valid=BACKBONE_ARCHITECTURES)
+        _check_source(bb.source, file, f"backbones.{name}.source", must_exist=False)
+        backbones[name] = dataclasses.replace(bb, name=name)
+    if spec.default_backbone not in backbones:
+        raise RegistryError(file, "default_backbone", f"{spec.default_backbone!r} is not a listed backbone{_suggest(spec.default_backbone, backbones)}",
+                            valid=backbones)
+    seen: dict[str, int] = {}
+    for i, code in enumerate(spec.languages):
+        if not CODE_PATTERN.match(code):
+            raise RegistryError(file, f"languages[{i}]", f"{code!r} is not a language code (ISO 639, e.g. 'zh', 'pt-BR')")
+        if code in seen:
+            raise RegistryError(file, f"languages[{i}]", f"duplicate language code {code!r} (also languages[{seen[code]}])")
+        seen[code] = i
+    languages = {}
+    for i, code in enumerate(spec.languages):
+        folder = root / "languages" / code
+        if not (folder / LANGUAGE_FILE).is_file():
+            raise RegistryError(file, f"languages[{i}]", f"{code!r} has no {folder / LANGUAGE_FILE}; "
+                                f"create it with `polybridge registry add {code}`")
+        languages[code] = load_language(folder, code)
+    # Cross-language checks.
+    owners: dict[str, str] = {}
+    for code, entry in languages.items():
+        for concept in entry.synthetic.concepts if entry.synthetic else ():
+            if concept in owners:
+                raise RegistryError(entry.file, "synthetic.concepts",
+                                    f"concept {concept!r} is already owned by {owners[concept]!r}")
+            owners[concept] = code
+    for name, bb in backbones.items():
+        if bb.language not in languages:
+            raise RegistryError(file, f"backbones.{name}.language", f"{bb.language!r} is not a registered language",
+                                valid=languages)
+        if not languages[bb.language].is_backbone_language:
+            raise RegistryError(languages[bb.language].file, "encoder",
+                                f"{bb.language!r} is the language of backbone {name!r}, so its entry has no encoder or branch")
+    if spec.fallback_language not in languages:
+        raise RegistryError(file, "fallback_language", f"{spec.fallback_language!r} is not a registered language",
+                            valid=languages)
+    if not 0.0 <= spec.detection_threshold <= 1.0:
+        raise RegistryError(file, "detection_threshold", f"must be in [0, 1], got {spec.detection_threshold}")
+    return Registry(
+        root=root,
+        file=file,
+        backbones=types.MappingProxyType(backbones),
+        default_backbone=spec.default_backbone,
+        languages=types.MappingProxyType(languages),
+        fallback_language=spec.fallback_language,
+        detection_threshold=spec.detection_threshold,
+    )
+
+
+def find_registry(path: str | Path | None = None) -> Path:
+    """Where ``registry.yaml`` is: the argument, then ``$POLYBRIDGE_REGISTRY``, then the current
+    directory and its parents, then the checkout this package was installed from (editable install)."""
+    if path is None and os.environ.get(REGISTRY_ENV):
+        path = os.environ[REGISTRY_ENV]
+    if path is not None:
+        p = Path(path).expanduser()
+        p = p / REGISTRY_FILE if p.is_dir() else p
+        if not p.is_file():
+            raise RegistryError(p, None, "registry file not found")
+        return p.resolve()
+    candidates = [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent.parent]
+    for folder in candidates:
+        if (folder / REGISTRY_FILE).is_file():
+            return (folder / REGISTRY_FILE).resolve()
+    raise RegistryError(REGISTRY_FILE, None, "no registry.yaml in the current directory or its parents; "
+                        f"pass --registry PATH or set ${REGISTRY_ENV}")
