@@ -7,16 +7,15 @@ nothing is left behind and ``registry.yaml`` is unchanged.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from string import Template
 from typing import Sequence
 
 import yaml
 
+from polybridge.atomic import atomic_dir, atomic_write_text
 from polybridge.registry import (
     CODE_PATTERN,
     BRANCH_TYPES,
@@ -109,34 +108,17 @@ def add_language(registry: Registry, code: str, *, name: str, native_name: str |
 
     registry_text = registry.file.read_text(encoding="utf-8")
     new_registry_text = append_language_to_registry_text(registry_text, code)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{code}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         (tmp / LANGUAGE_FILE).write_text(
             render_language_yaml(code, name, native_name, scripts, branch_type, concepts), encoding="utf-8")
         (tmp / "grammar.yaml").write_text(render_grammar_yaml(code, name, concepts), encoding="utf-8")
         entry = load_language(tmp, code)
         load_grammar(entry.grammar_path, code, entry.synthetic.concepts)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     try:
-        _atomic_write(registry.file, new_registry_text)
+        atomic_write_text(registry.file, new_registry_text)
         load_registry(registry.file)
     except BaseException:
-        _atomic_write(registry.file, registry_text)
+        atomic_write_text(registry.file, registry_text)
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -134,7 +134,7 @@ def _square(p: _Pen) -> None:
 
 
 def _triangle(p: _Pen) -> None:
-    p.poly([(0, -0.98), (0.92, 0.62), (-0.92, 0.62)])
+    p.poly([(0, -0.97), (0.84, 0.485), (-0.84, 0.485)])
 
 
 def _star5(p: _Pen) -> None:
@@ -148,13 +148,13 @@ def _cross(p: _Pen) -> None:
 
 
 def _lantern(p: _Pen) -> None:
-    p.rect(-0.06, -0.92, 0.06, -0.6)              # hanging cord
-    p.ellipse(0, -0.02, 0.9, 0.58)                # body
-    p.rect(-0.42, -0.74, 0.42, -0.5, DARK)       # top cap
-    p.rect(-0.42, 0.46, 0.42, 0.7, DARK)         # bottom cap
-    p.line((-0.42, -0.5), (-0.42, 0.46), 0.1, DARK)
-    p.line((0.42, -0.5), (0.42, 0.46), 0.1, DARK)
-    p.poly([(-0.16, 0.7), (0.16, 0.7), (0.1, 0.98), (-0.1, 0.98)])  # tassel
+    p.rect(-0.05, -0.96, 0.05, -0.6)              # hanging cord
+    p.ellipse(0, 0, 0.92, 0.62)                   # body
+    p.ellipse(0, 0, 0.5, 0.6, DARK)               # two curved ribs ...
+    p.ellipse(0, 0, 0.36, 0.6)                    # ... left by the body drawn over their middle
+    p.rect(-0.42, -0.74, 0.42, -0.54, DARK)       # top cap
+    p.rect(-0.42, 0.54, 0.42, 0.74, DARK)         # bottom cap
+    p.poly([(-0.06, 0.74), (0.06, 0.74), (0.14, 0.98), (-0.14, 0.98)])  # tassel
 
 
 def _pagoda(p: _Pen) -> None:
@@ -171,11 +171,11 @@ def _pagoda(p: _Pen) -> None:
 
 
 def _torii(p: _Pen) -> None:
-    p.poly([(-0.92, -0.66), (0.92, -0.66), (0.8, -0.46), (-0.8, -0.46)])  # kasagi (top lintel)
-    p.rect(-0.86, -0.74, 0.86, -0.62, DARK)
-    p.rect(-0.66, -0.24, 0.66, -0.08)                                      # nuki (second bar)
+    p.poly([(-0.76, -0.62), (0.76, -0.62), (0.68, -0.44), (-0.68, -0.44)])  # kasagi (top lintel)
+    p.rect(-0.72, -0.68, 0.72, -0.58, DARK)
+    p.rect(-0.64, -0.24, 0.64, -0.08)                                      # nuki (second bar)
     for x in (-0.44, 0.44):
-        p.rect(x - 0.11, -0.5, x + 0.11, 0.84)                            # posts
+        p.rect(x - 0.11, -0.46, x + 0.11, 0.8)                            # posts
     p.rect(-0.06, -0.46, 0.06, -0.24)                                       # gakuzuka (centre strut)
 
 
@@ -189,38 +189,39 @@ def _daruma(p: _Pen) -> None:
 
 
 def _taegeuk(p: _Pen) -> None:
-    p.circle(0, 0, 0.96, DARK)
-    p.poly(_arc(0, 0, 0.96, 0.96, 180, 360, 24))   # upper half in the colour
-    p.circle(-0.48, 0, 0.48)                       # colour lobe spills into the lower half
-    p.circle(0.48, 0, 0.48, DARK)                  # dark lobe pushes into the upper half
+    p.circle(0, 0, 0.97)                           # rim in the colour, so the dark half keeps its outline
+    p.circle(0, 0, 0.85, DARK)
+    p.poly(_arc(0, 0, 0.85, 0.85, 180, 360, 24))   # upper half in the colour
+    p.circle(-0.425, 0, 0.425)                     # colour lobe spills into the lower half
+    p.circle(0.425, 0, 0.425, DARK)                # dark lobe pushes into the upper half
 
 
 def _gat(p: _Pen) -> None:
-    p.ellipse(0, 0.3, 0.98, 0.16)                   # brim
+    p.ellipse(0, 0.3, 0.93, 0.16)                   # brim
     p.poly([(-0.36, 0.3), (-0.3, -0.78), (0.3, -0.78), (0.36, 0.3)])  # crown
     p.rect(-0.36, 0.06, 0.36, 0.2, DARK)           # band
     p.poly([(-0.06, 0.46), (0.06, 0.46), (0.04, 0.9), (-0.04, 0.9)], DARK)  # chin string hint
 
 
 def _matryoshka(p: _Pen) -> None:
-    p.ellipse(0, 0.32, 0.66, 0.64)                 # body
-    p.circle(0, -0.48, 0.44)                        # head
-    p.circle(0, -0.44, 0.27, LIGHT)                 # face
-    p.ellipse(0, 0.38, 0.3, 0.3, LIGHT)             # apron
-    p.circle(0, 0.38, 0.13, DARK)                   # flower on the apron
+    p.ellipse(0, 0.3, 0.72, 0.66)                  # body
+    p.circle(0, -0.5, 0.46)                         # head
+    p.circle(0, -0.46, 0.28, LIGHT)                 # face
+    p.ellipse(0, 0.38, 0.32, 0.32, LIGHT)           # apron
+    p.circle(0, 0.38, 0.14, DARK)                   # flower on the apron
 
 
 def _onion_dome(p: _Pen) -> None:
-    p.rect(-0.03, -0.99, 0.03, -0.6)
-    p.rect(-0.16, -0.88, 0.16, -0.82)               # little cross bar
-    right = [(0.0, -0.64)] + [(0.64 * math.sin(math.radians(a)) ** 1.5, -0.64 + (1 - math.cos(math.radians(a))) * 0.46)
-                              for a in range(10, 181, 10)]
-    left = [(-x, y) for x, y in reversed(right)]
-    p.poly(right + left)
-    p.rect(-0.42, 0.22, 0.42, 0.88)                 # drum
-    p.rect(-0.46, 0.2, 0.46, 0.3, DARK)            # cornice
-    for x in (-0.2, 0.2):
-        p.rect(x - 0.07, 0.42, x + 0.07, 0.74, DARK)  # windows
+    p.rect(-0.04, -0.99, 0.04, -0.66)               # spire
+    p.rect(-0.17, -0.9, 0.17, -0.83)                # its cross bar
+    right = [(0.24, 0.22), (0.5, 0.12), (0.68, -0.02), (0.74, -0.18), (0.68, -0.34), (0.52, -0.5),
+             (0.32, -0.62), (0.14, -0.7), (0.0, -0.78)]
+    p.poly(right + [(-x, y) for x, y in reversed(right[:-1])])  # bulb: bulging, pointed at the top
+    p.rect(-0.4, 0.3, 0.4, 0.88)                    # drum
+    p.rect(-0.48, 0.22, 0.48, 0.34)                 # cornice
+    p.rect(-0.24, 0.2, 0.24, 0.3, DARK)             # shadow under the bulb's neck
+    for x in (-0.19, 0.19):
+        p.rect(x - 0.08, 0.46, x + 0.08, 0.76, DARK)  # windows
 
 
 def _crescent_obj(p: _Pen) -> None:
@@ -242,33 +243,33 @@ def _khamsa(p: _Pen) -> None:
 def _fan(p: _Pen) -> None:
     pivot = (0.0, 0.46)
     p.poly([pivot] + _arc(0, 0.46, 0.98, 1.3, 200, 340, 24))  # blade, a sector wider than tall
-    p.poly([pivot] + _arc(0, 0.46, 0.36, 0.44, 200, 340, 10), DARK)
-    for a in range(200, 341, 20):
-        end = (0.98 * math.cos(math.radians(a)) * 0.97, 0.46 + 1.3 * math.sin(math.radians(a)) * 0.97)
-        p.line(pivot, end, 0.06, DARK)
-    p.poly([(-0.08, 0.46), (0.08, 0.46), (0.06, 0.82), (-0.06, 0.82)], DARK)  # handle
+    for a in range(214, 330, 16):                               # ribs
+        end = (0.98 * math.cos(math.radians(a)) * 0.9, 0.46 + 1.3 * math.sin(math.radians(a)) * 0.9)
+        p.line(pivot, end, 0.05, DARK)
+    p.poly([pivot] + _arc(0, 0.46, 0.3, 0.36, 200, 340, 10), DARK)  # the guard where the ribs meet
+    p.poly([(-0.08, 0.46), (0.08, 0.46), (0.06, 0.8), (-0.06, 0.8)], DARK)  # handle
 
 
 def _guitar(p: _Pen) -> None:
-    # Drawn upright in a rotated frame, then tilted so the neck reads as a diagonal.
-    def rot_poly(points: Sequence[Point], ink: int = MAIN) -> None:
-        p.poly(_rotate(points, 30), ink)
+    # Drawn upright, then tilted so the neck reads as a diagonal and it never looks like a doll.
+    def tilted(points: Sequence[Point], ink: int = MAIN) -> None:
+        p.poly(_rotate(points, 28), ink)
 
-    rot_poly(_arc(0, 0.5, 0.46, 0.44, 0, 360, 24))           # lower lobe
-    rot_poly(_arc(0, 0.02, 0.34, 0.32, 0, 360, 20))          # upper lobe
-    rot_poly([(-0.28, 0.2), (0.28, 0.2), (0.36, 0.4), (-0.36, 0.4)])  # waist fill
-    rot_poly(_arc(0, 0.3, 0.13, 0.13, 0, 360, 12), DARK)     # sound hole
-    rot_poly([(-0.08, -0.2), (0.08, -0.2), (0.08, -0.76), (-0.08, -0.76)])  # neck
-    rot_poly([(-0.13, -0.74), (0.13, -0.74), (0.11, -0.96), (-0.11, -0.96)], DARK)  # headstock
+    tilted(_arc(0, 0.44, 0.52, 0.5, 0, 360, 24))            # lower lobe
+    tilted(_arc(0, -0.08, 0.38, 0.34, 0, 360, 20))          # upper lobe
+    tilted([(-0.32, 0.12), (0.32, 0.12), (0.4, 0.36), (-0.4, 0.36)])  # waist fill
+    tilted(_arc(0, 0.2, 0.15, 0.15, 0, 360, 12), DARK)      # sound hole
+    tilted([(-0.2, 0.58), (0.2, 0.58), (0.2, 0.68), (-0.2, 0.68)], DARK)  # bridge
+    tilted([(-0.09, -0.3), (0.09, -0.3), (0.09, -0.78), (-0.09, -0.78)])  # neck
+    tilted([(-0.14, -0.76), (0.14, -0.76), (0.12, -0.98), (-0.12, -0.98)], DARK)  # headstock
 
 
 def _diya(p: _Pen) -> None:
-    p.poly(_arc(0, 0.12, 0.9, 0.62, 0, 180, 20) + [(-0.9, 0.12)])  # bowl
-    p.poly([(0.62, 0.12), (0.96, 0.0), (0.8, 0.3)])                  # spout
-    p.ellipse(0, 0.12, 0.9, 0.12, DARK)                               # rim / oil
-    flame = [(0.0, -0.96)] + _arc(0, -0.18, 0.26, 0.24, -20, 200, 12)
-    p.poly(flame, LIGHT)
-    p.poly([(0.0, -0.6)] + _arc(0, -0.16, 0.12, 0.12, -20, 200, 8), MAIN)
+    p.poly(_arc(0, 0.2, 0.92, 0.62, 0, 180, 20))  # bowl
+    p.poly([(0.6, 0.2), (0.97, 0.08), (0.78, 0.4)])  # spout
+    p.ellipse(0, 0.2, 0.92, 0.14, DARK)              # rim / oil
+    p.poly([(0.0, -0.98)] + _arc(0, -0.16, 0.32, 0.3, -25, 205, 14), LIGHT)  # flame
+    p.poly([(0.0, -0.56)] + _arc(0, -0.12, 0.15, 0.15, -25, 205, 8))          # its core
 
 
 def _kalash(p: _Pen) -> None:
@@ -276,7 +277,7 @@ def _kalash(p: _Pen) -> None:
     p.rect(-0.2, -0.28, 0.2, 0.0)                    # neck
     p.ellipse(0, -0.28, 0.36, 0.1)                   # rim
     for a in (-145, -115, -65, -35):                 # mango leaves
-        tip = (0.84 * math.cos(math.radians(a)), -0.3 + 0.84 * math.sin(math.radians(a)))
+        tip = (0.7 * math.cos(math.radians(a)), -0.3 + 0.7 * math.sin(math.radians(a)))
         p.poly([(0, -0.34), _mid(tip, -0.16, a), tip, _mid(tip, 0.16, a)], DARK)
     p.circle(0, -0.56, 0.22)                          # coconut
     p.rect(-0.5, 0.3, 0.5, 0.42, LIGHT)               # band on the pot
@@ -295,7 +296,9 @@ def _baguette(p: _Pen) -> None:
 
 
 def _eiffel(p: _Pen) -> None:
-    half = lambda y: 0.04 + 0.6 * ((y + 0.98) / 1.74) ** 2.2  # noqa: E731
+    def half(y: float) -> float:  # half-width: a concave taper, narrow for most of the height
+        return 0.04 + 0.6 * ((y + 0.98) / 1.74) ** 2.2
+
     ys = [-0.98 + 1.74 * i / 12 for i in range(13)]
     p.poly([(half(y), y) for y in ys] + [(-half(y), y) for y in reversed(ys)])
     p.poly(_arc(0, 0.76, 0.3, 0.34, 180, 360, 12) + [(0.3, 0.78), (-0.3, 0.78)], ERASE)  # arch
@@ -306,25 +309,29 @@ def _eiffel(p: _Pen) -> None:
 
 
 def _pretzel(p: _Pen) -> None:
-    p.ellipse(0, 0.02, 0.96, 0.78)
-    p.poly([(-0.3, -0.7), (0.3, -0.7), (0.0, -0.38)], ERASE)   # the notch at the top of the knot
-    p.ellipse(-0.42, -0.1, 0.26, 0.26, ERASE)                  # the three holes
-    p.ellipse(0.42, -0.1, 0.26, 0.26, ERASE)
-    p.poly([(-0.2, 0.58), (0.2, 0.58), (0.0, 0.22)], ERASE)
-    p.line((-0.5, 0.5), (0.34, -0.54), 0.08, DARK)              # the twist
-    p.line((0.5, 0.5), (-0.34, -0.54), 0.08, DARK)
+    # A heart-shaped knot with three holes: two upper loops and a small lower eye.
+    for side in (-1, 1):
+        p.circle(side * 0.44, -0.16, 0.52)
+    p.poly([(-0.92, 0.0), (0.92, 0.0), (0.28, 0.8), (-0.28, 0.8)])
+    p.circle(0, 0.62, 0.32)
+    p.poly([(-0.16, -0.72), (0.16, -0.72), (0.0, -0.44)], ERASE)   # the notch at the top
+    for side in (-1, 1):
+        p.circle(side * 0.44, -0.14, 0.24, ERASE)
+    p.poly([(-0.2, 0.5), (0.2, 0.5), (0.0, 0.2)], ERASE)
+    p.line((-0.34, 0.62), (0.2, -0.34), 0.12, DARK)                 # the twist
+    p.line((0.34, 0.62), (-0.2, -0.34), 0.12, DARK)
 
 
 def _beer_mug(p: _Pen) -> None:
-    p.rect(-0.62, -0.46, 0.34, 0.84)                   # glass
+    p.rect(-0.62, -0.46, 0.34, 0.76)                   # glass
     p.rect(0.28, -0.3, 0.78, -0.14)                    # handle
     p.rect(0.62, -0.3, 0.78, 0.5)
     p.rect(0.28, 0.36, 0.78, 0.5)
     for x in (-0.36, -0.14, 0.08):
-        p.rect(x - 0.04, -0.24, x + 0.04, 0.66, DARK)  # facets
-    for x in (-0.52, -0.2, 0.14):
-        p.circle(x, -0.6, 0.22, LIGHT)                 # foam
-    p.rect(-0.66, -0.62, 0.38, -0.44, LIGHT)
+        p.rect(x - 0.04, -0.24, x + 0.04, 0.6, DARK)  # facets
+    for x in (-0.46, -0.16, 0.14):
+        p.circle(x, -0.58, 0.2, LIGHT)                 # foam
+    p.rect(-0.64, -0.6, 0.38, -0.42, LIGHT)
 
 
 _DRAW: dict[str, Callable[[_Pen], None]] = {

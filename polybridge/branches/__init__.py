@@ -1,0 +1,50 @@
+"""Branch types: one class per ``branch.type`` a registry entry may name.
+
+A branch type is one module plus one :func:`register_branch` call here; the ``branch_type`` recorded
+in a saved branch's config picks its class on load (:meth:`Branch.from_pretrained`).
+
+>>> from polybridge.branches import get_branch_class
+>>> get_branch_class("bdm").__name__
+'BDMBranch'
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from polybridge.branches.base import Branch, BranchError, BranchOutput
+from polybridge.branches.bdm import BDMBranch
+
+__all__ = ["Branch", "BranchError", "BranchOutput", "BDMBranch", "register_branch", "get_branch_class", "branch_types"]
+
+_BRANCH_CLASSES: dict[str, type[Branch]] = {}
+
+
+def register_branch(name: str, cls: type[Branch]) -> None:
+    """Make ``cls`` the class of branch type ``name``. Registering one name twice is an error."""
+    if not (isinstance(cls, type) and issubclass(cls, Branch)):
+        raise TypeError(f"branch type {name!r}: {cls!r} is not a subclass of polybridge.branches.Branch")
+    if cls.branch_type != name:
+        raise ValueError(f"branch type {name!r}: {cls.__name__}.branch_type is {cls.branch_type!r}; they must agree")
+    registered = _BRANCH_CLASSES.get(name)
+    if registered is not None and registered is not cls:
+        raise ValueError(f"branch type {name!r} is already registered to {registered.__name__}")
+    _BRANCH_CLASSES[name] = cls
+
+
+def get_branch_class(name: str) -> type[Branch]:
+    """The class of branch type ``name``; an unknown name lists the valid ones."""
+    try:
+        return _BRANCH_CLASSES[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_BRANCH_CLASSES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown branch type {name!r}{hint}; valid: {', '.join(_BRANCH_CLASSES) or '(none)'}") from None
+
+
+def branch_types() -> tuple[str, ...]:
+    """The registered branch type names, in registration order."""
+    return tuple(_BRANCH_CLASSES)
+
+
+register_branch("bdm", BDMBranch)

@@ -1,0 +1,453 @@
+"""``PolyBridgePipeline``: one frozen backbone, any number of native languages, one denoising loop.
+
+Each prompt row has a language. For the backbone's own language (``en``) the prompt goes to the
+backbone's text encoder and no branch runs. For a native language the native prompt goes to that
+language's encoder and branch, whose residuals (times ``branch_scale``) are added to the backbone
+UNet's down and mid blocks, while the backbone's text encoder reads ``english_prompt`` (``""`` by
+default, as BDM trains it). Classifier-free guidance runs the negative prompt through both paths:
+``""`` to the backbone's text encoder, the native negative prompt to the branch, as BDM's released
+script does. All rows of one call share one backbone UNet call per step; each branch runs on its rows.
+
+Everything on the backbone side is Stable Diffusion's own computation, so with an untrained
+(zero-output) branch the pipeline gives exactly what ``StableDiffusionPipeline`` gives for ``""``.
+
+Languages whose registry entry has no trained branch follow the entry's ``fallback``:
+``zero-branch`` runs a zero-initialised branch (and warns that the language is untrained),
+``backbone`` sends the native text to the backbone's text encoder as it is, ``error`` refuses.
+
+``language=None`` is refused for now: choosing a language per prompt is the router's job, a later
+milestone that plugs into :meth:`PolyBridgePipeline.resolve_languages`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from polybridge.backbone import Backbone, load_backbone
+from polybridge.branches import Branch, get_branch_class
+from polybridge.encoders import NativeEncoder, load_encoder
+from polybridge.registry import LanguageEntry, Registry, RegistryError, load_registry
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+TRAIN_HINT = "train it with `polybridge train --lang {code}`"
+
+
+class LanguageModules(torch.nn.ModuleDict):
+    """Per-language modules (native encoders, branches) keyed by language code; moves with the pipeline."""
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+
+@dataclass(frozen=True)
+class LoadedLanguage:
+    """How a language's prompts are handled in this pipeline."""
+
+    code: str
+    route: str  # "branch": native encoder + branch; "backbone": the text goes to the backbone's text encoder
+    scale: float = 1.0
+    trained: bool = True
+
+
+@dataclass
+class PolyBridgePipelineOutput(BaseOutput):
+    """``images``: PIL images, a numpy array or a tensor (latents for ``output_type="latent"``);
+    ``languages``: the language each image was generated for."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    languages: list[str]
+
+
+@dataclass
+class _BranchRows:
+    code: str
+    rows: torch.Tensor  # indices into the (CFG-doubled) batch
+    states: torch.Tensor
+    mask: torch.Tensor | None
+    scale: float
+    covers_batch: bool
+
+
+class PolyBridgePipeline(DiffusionPipeline):
+    """Text-to-image with one frozen English backbone and native-language branches.
+
+    Build it with :meth:`from_registry`, or from components and :meth:`add_language`::
+
+        pipe = PolyBridgePipeline.from_registry(languages=["zh"])
+        image = pipe("红色的灯笼", language="zh", num_inference_steps=25).images[0]
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["encoders", "branches"]
+
+    def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any,
+                 encoders: LanguageModules | None = None, branches: LanguageModules | None = None,
+                 backbone_language: str = "en"):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              encoders=LanguageModules(), branches=LanguageModules())
+        self.register_to_config(backbone_language=backbone_language)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.registry: Registry | None = None
+        self._languages: dict[str, LoadedLanguage] = {backbone_language: LoadedLanguage(backbone_language, "backbone")}
+        for code in (encoders or {}):
+            if branches is None or code not in branches:
+                raise ValueError(f"language {code!r} has an encoder but no branch")
+            self.add_language(code, encoders[code], branches[code])
+        for code in (branches or {}):
+            if encoders is None or code not in encoders:
+                raise ValueError(f"language {code!r} has a branch but no encoder")
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_registry(cls, registry: Registry | str | Path | None = None, languages: list[str] | None = None,
+                      backbone: str | Backbone | None = None, torch_dtype: torch.dtype | None = None,
+                      device: str | torch.device | None = None) -> PolyBridgePipeline:
+        """Load the backbone and, for each requested language (default: every registered one), its
+        native encoder and branch. A language without trained branch weights follows its ``fallback``.
+
+        ``backbone`` is a backbone name from the registry (default: ``default_backbone``) or an
+        already loaded :class:`~polybridge.backbone.Backbone`.
+        """
+        if not isinstance(registry, Registry):
+            registry = load_registry(registry)
+        if isinstance(backbone, Backbone):
+            bb = backbone
+        else:
+            bb = load_backbone(registry, backbone, torch_dtype=torch_dtype)
+        codes = list(registry.codes if languages is None else languages)
+        for code in codes:
+            registry.language(code)  # unknown codes: RegistryError listing the valid ones
+        pipe = cls(**bb.components(), backbone_language=bb.language)
+        pipe.registry = registry
+        for code in dict.fromkeys(codes):
+            entry = registry.language(code)
+            if code == bb.language or entry.is_backbone_language:
+                continue
+            pipe._load_language(entry, torch_dtype)
+        if device is not None:
+            pipe.to(device)
+        return pipe
+
+    def _load_language(self, entry: LanguageEntry, torch_dtype: torch.dtype | None) -> None:
+        assert entry.branch is not None and entry.encoder is not None
+        code, spec = entry.code, entry.branch
+        source = entry.branch_source
+        present = source is not None and (isinstance(source, str) or source.exists())
+        if present:
+            encoder = load_encoder(entry, torch_dtype=torch_dtype)
+            branch = _load_branch(source, self.unet, torch_dtype)
+            if branch.branch_type != spec.type:
+                raise RegistryError(entry.file, "branch.type", f"the branch at {source} is a {branch.branch_type!r} "
+                                    f"branch, but the entry says {spec.type!r}", valid=[branch.branch_type])
+            self.add_language(code, encoder, branch, scale=spec.scale)
+            return
+        where = f"{source}" if source is not None else "(branch.weights is null)"
+        untrained = f"language {code!r} ({entry.name}) has no trained branch: {where} ({entry.file}, key branch.weights)"
+        if entry.fallback == "error":
+            raise FileNotFoundError(f"{untrained}; its fallback is 'error'; {TRAIN_HINT.format(code=code)}")
+        if entry.fallback == "backbone":
+            warnings.warn(f"{untrained}; fallback 'backbone': its prompts go as they are to the backbone's "
+                          f"English text encoder; {TRAIN_HINT.format(code=code)}", stacklevel=3)
+            self.add_language(code, scale=spec.scale, trained=False)
+            return
+        branch_cls = get_branch_class(spec.type)
+        unknown = sorted(set(spec.options) - set(branch_cls.option_keys))
+        if unknown:
+            raise RegistryError(entry.file, f"branch.options.{unknown[0]}", f"unknown option for a {spec.type} branch",
+                                valid=branch_cls.option_keys)
+        encoder = load_encoder(entry, torch_dtype=torch_dtype)
+        branch = branch_cls.from_unet(self.unet, encoder.hidden_size, encoder_name=entry.encoder.source, **spec.options)
+        warnings.warn(f"{untrained}. It is UNTRAINED: it runs a zero-initialised branch, so its prompts have no "
+                      f"effect (the image is the backbone's for the English prompt, \"\" by default); "
+                      f"{TRAIN_HINT.format(code=code)}", stacklevel=3)
+        self.add_language(code, encoder, branch, scale=spec.scale, trained=False)
+
+    def add_language(self, code: str, encoder: NativeEncoder | None = None, branch: Branch | None = None,
+                     scale: float = 1.0, trained: bool = True) -> None:
+        """Add (or replace) a language: with an encoder and a branch, or with neither (its text then goes
+        to the backbone's text encoder). The branch must have been built for this backbone."""
+        if code == self.config.backbone_language:
+            raise ValueError(f"{code!r} is the backbone's language; it needs no encoder or branch")
+        if (encoder is None) != (branch is None):
+            raise ValueError(f"language {code!r}: give both an encoder and a branch, or neither")
+        for modules in (self.encoders, self.branches):
+            if code in modules:
+                del modules[code]
+        if encoder is None:
+            self._languages[code] = LoadedLanguage(code, "backbone", float(scale), trained)
+            return
+        if getattr(branch, "kind", "residual") != "residual":
+            raise NotImplementedError(f"language {code!r}: {branch.branch_type!r} branches are not run by this pipeline yet")
+        branch.check_backbone(self.unet, where=f"language {code!r} branch")
+        if branch.encoder_hidden_size is not None and branch.encoder_hidden_size != encoder.hidden_size:
+            raise ValueError(f"language {code!r}: the branch reads {branch.encoder_hidden_size}-wide token states, "
+                             f"but encoder {encoder.name!r} gives {encoder.hidden_size}")
+        if branch.encoder_name and encoder.name and branch.encoder_name != encoder.name:
+            warnings.warn(f"language {code!r}: the branch was built for encoder {branch.encoder_name!r}, "
+                          f"but {encoder.name!r} is loaded", stacklevel=2)
+        self.encoders[code] = encoder
+        self.branches[code] = branch
+        self._languages[code] = LoadedLanguage(code, "branch", float(scale), trained)
+
+    @property
+    def languages(self) -> dict[str, LoadedLanguage]:
+        """The languages this pipeline can generate for, backbone language included."""
+        return dict(self._languages)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> PolyBridgePipeline:
+        raise NotImplementedError("PolyBridgePipeline is built from a registry: use PolyBridgePipeline.from_registry(); "
+                                  "a branch alone loads with polybridge.branches.Branch.from_pretrained()")
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("a PolyBridgePipeline is not saved as a whole: save each branch with "
+                                  "branch.save_pretrained(dir) and point its registry entry at it")
+
+    # ------------------------------------------------------------------ routing
+
+    def resolve_languages(self, prompts: list[str], language: str | None) -> list[str]:
+        """The language of each prompt row. The router (a later milestone) plugs in here for ``language=None``."""
+        if language is None:
+            raise ValueError("language=None: choosing the language of a prompt is the router's job, which arrives in "
+                             f"a later milestone; pass language= one of {', '.join(self._languages)}")
+        self._check_language(language)
+        return [language] * len(prompts)
+
+    def _check_language(self, code: str) -> None:
+        if code in self._languages:
+            return
+        loaded = ", ".join(self._languages)
+        if self.registry is not None:
+            self.registry.language(code)  # not registered at all: RegistryError listing the valid codes
+            raise ValueError(f"language {code!r} is registered but not loaded in this pipeline (loaded: {loaded}); "
+                             f"load it with PolyBridgePipeline.from_registry(languages=[..., {code!r}])")
+        raise RegistryError("PolyBridgePipeline", "language", f"unknown language code {code!r}", valid=self._languages)
+
+    # ------------------------------------------------------------------ generation
+
+    def _encode_backbone(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        # The same computation as StableDiffusionPipeline.encode_prompt, so the backbone side is bit-identical.
+        tokenizer = self.tokenizer
+        inputs = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > inputs.input_ids.shape[-1]:
+            warnings.warn(f"an English prompt is longer than the backbone's {tokenizer.model_max_length} tokens and "
+                          "was truncated", stacklevel=3)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = inputs.attention_mask.to(device)
+        embeds = self.text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
+        return embeds.to(dtype=self.text_encoder.dtype, device=device)
+
+    def _residuals(self, sample: torch.Tensor, t: torch.Tensor, inputs: list[_BranchRows]):
+        if not inputs:
+            return None, None
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for item in inputs:
+            branch = self.branches[item.code]
+            x = sample if item.covers_batch else sample.index_select(0, item.rows)
+            d, m = branch(x.to(branch.dtype), t, item.states, conditioning_scale=item.scale, attention_mask=item.mask)
+            d = [r.to(self.unet.dtype) for r in d]
+            m = m.to(self.unet.dtype)
+            if item.covers_batch and down is None:
+                down, mid = d, m
+                continue
+            if down is None:
+                down = [torch.zeros((sample.shape[0], *r.shape[1:]), dtype=r.dtype, device=r.device) for r in d]
+                mid = torch.zeros((sample.shape[0], *m.shape[1:]), dtype=m.dtype, device=m.device)
+            # Several branches on one row (mixed-language spans) sum, as MultiControlNet does.
+            down = [acc.index_add(0, item.rows, r) if not item.covers_batch else acc + r for acc, r in zip(down, d)]
+            mid = mid.index_add(0, item.rows, m) if not item.covers_batch else mid + m
+        return down, mid
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        language: str | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        branch_scale: float | None = None,
+        english_prompt: str | list[str] = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> PolyBridgePipelineOutput | tuple:
+        """Generate images for ``prompt`` (one string or a list: one batch) written in ``language``.
+
+        ``negative_prompt`` is in the same language as the prompt; ``english_prompt`` is what the backbone's
+        text encoder reads alongside a native prompt (``""``: the branch alone carries the meaning; an English
+        text mixes its meaning in, as in BDM). ``branch_scale`` overrides the entry's ``branch.scale``.
+        """
+        prompts = _as_list(prompt, "prompt")
+        if not prompts:
+            raise ValueError("prompt: the list is empty; give at least one prompt (\"\" is the unconditional one)")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer of at least 1, got {num_inference_steps!r}")
+        if not _is_number(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number of at least 0, got {guidance_scale!r}")
+        if branch_scale is not None and not _is_number(branch_scale):
+            raise ValueError(f"branch_scale must be a finite number or None, got {branch_scale!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer of at least 1, got {num_images_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r} is not supported; valid: {', '.join(OUTPUT_TYPES)}")
+        negatives = _broadcast("" if negative_prompt is None else negative_prompt, len(prompts), "negative_prompt")
+        englishes = _broadcast(english_prompt, len(prompts), "english_prompt")
+        sample_size = self.unet.config.sample_size
+        default_h, default_w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        height = height or default_h * self.vae_scale_factor
+        width = width or default_w * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+
+        codes = self.resolve_languages(prompts, language)
+        n = num_images_per_prompt
+        prompts, negatives, englishes, codes = ([x for x in seq for _ in range(n)]
+                                                for seq in (prompts, negatives, englishes, codes))
+        batch = len(prompts)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"generator: {len(generator)} generators for {batch} images "
+                             f"({batch // n} prompts x num_images_per_prompt {n}); give one per image or a single one")
+
+        do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+        device = self._execution_device
+
+        # The backbone's text: English rows and fallback rows read the prompt; branch rows read english_prompt.
+        backbone_pos, backbone_neg = [], []
+        for text, neg, eng, code in zip(prompts, negatives, englishes, codes):
+            if self._languages[code].route == "backbone":
+                if eng:
+                    raise ValueError(f"english_prompt is for prompts that run a branch; {code!r} prompts go to the "
+                                     "backbone's text encoder themselves, so pass the English text as the prompt")
+                backbone_pos.append(text)
+                backbone_neg.append(neg)
+            else:
+                backbone_pos.append(eng)
+                backbone_neg.append("")
+        embeds = self._encode_backbone(backbone_pos, device)
+        if do_cfg:
+            embeds = torch.cat([self._encode_backbone(backbone_neg, device), embeds])
+
+        branch_rows: list[_BranchRows] = []
+        for code in dict.fromkeys(codes):
+            state = self._languages[code]
+            if state.route != "branch":
+                continue
+            rows = [i for i, c in enumerate(codes) if c == code]
+            texts = [prompts[i] for i in rows]
+            if do_cfg:
+                texts = [negatives[i] for i in rows] + texts
+                rows = rows + [i + batch for i in rows]
+            encoder, branch = self.encoders[code], self.branches[code]
+            states, mask = encoder.encode_with_mask(texts)
+            branch_rows.append(_BranchRows(
+                code=code,
+                rows=torch.tensor(rows, device=device),
+                states=states.to(device=device, dtype=branch.dtype),
+                mask=None if mask is None else mask.to(device),
+                scale=float(state.scale if branch_scale is None else branch_scale),
+                covers_batch=len(rows) == batch * (2 if do_cfg else 1),
+            ))
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_params = set(inspect.signature(self.scheduler.step).parameters)
+        step_kwargs: dict[str, Any] = {}
+        if "eta" in step_params:
+            step_kwargs["eta"] = 0.0
+        if "generator" in step_params:
+            step_kwargs["generator"] = generator
+
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for t in timesteps:
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                down, mid = self._residuals(model_input, t, branch_rows)
+                noise = self.unet(model_input, t, encoder_hidden_states=embeds,
+                                  down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                                  return_dict=False)[0]
+                if do_cfg:
+                    noise_uncond, noise_text = noise.chunk(2)
+                    noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                progress.update()
+
+        if output_type == "latent":
+            images: Any = latents
+        else:
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type,
+                                                      do_denormalize=[True] * decoded.shape[0])
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, codes)
+        return PolyBridgePipelineOutput(images=images, languages=codes)
+
+
+def _load_branch(source: Path | str, unet: Any, torch_dtype: torch.dtype | None) -> Branch:
+    if isinstance(source, str):  # a hub id: fetch the config and safetensors only
+        from huggingface_hub import snapshot_download
+
+        source = Path(snapshot_download(source, allow_patterns=["config.json", "*.safetensors"]))
+    return Branch.from_pretrained(source, backbone_unet=unet, torch_dtype=torch_dtype)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_list(value: Any, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+
+
+def _broadcast(value: Any, n: int, name: str) -> list[str]:
+    values = _as_list(value, name)
+    if isinstance(value, str):
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{name}: {len(values)} entries for {n} prompts; give one string or one per prompt")
+    return values

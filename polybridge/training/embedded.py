@@ -1,0 +1,363 @@
+"""The embedded default backbone ``polybridge-tiny``: a real Stable Diffusion architecture, only tiny.
+
+Stages (each resumable from its last checkpoint, data order a pure function of (seed, step)):
+
+1. ``vae``: an AutoencoderKL 32x32x3 -> 8x8x4, trained on rendered scenes (L1 + MSE + a weak KL).
+   Its latent is then *standardised per channel*, with the shift and scale folded into
+   ``quant_conv`` / ``post_quant_conv``, so stock pipelines (one global ``scaling_factor`` = 1)
+   see unit-variance channels. ``research/feasibility.md`` found colour lost in one heavy-tailed
+   latent channel; a KL weight of 1e-5 gives light-tailed channels, standardising evens them.
+2. ``tokenizer``: a CLIP BPE tokenizer (``vocab.json`` + ``merges.txt``) trained on English captions.
+3. ``unet``: a UNet2DConditionModel and a CLIPTextModel trained together on cached latents and
+   English captions (about 10% empty, for classifier-free guidance), epsilon-prediction on
+   Stable Diffusion's schedule, min-SNR loss weighting, EMA weights.
+4. ``save``: the backbone in diffusers format, fp16 safetensors, loadable by
+   ``StableDiffusionPipeline.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
+from tqdm.auto import tqdm
+
+from polybridge.atomic import atomic_dir, atomic_write_bytes
+
+from polybridge.synthetic.render import render_scene
+from polybridge.synthetic.scenes import sample_scenes
+from polybridge.synthetic.world import Scene
+from polybridge.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
+
+EMPTY_CAPTION_RATE = 0.1
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    """Sizes and schedules of the embedded default; ``smoke()`` shrinks every stage to a few steps."""
+
+    image_size: int = 32
+    seed: int = 0
+    # vae
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-5
+    # text encoder and tokenizer
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    text_max_length: int = 48
+    tokenizer_vocab: int = 600
+    tokenizer_captions: int = 20000
+    # unet
+    unet_channels: tuple[int, ...] = (64, 128)
+    unet_layers_per_block: int = 2
+    unet_head_dim: int = 8
+    unet_steps: int = 8000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    unet_warmup: int = 200
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    latent_cache: int = 60000
+    checkpoint_every: int = 250
+
+    @classmethod
+    def smoke(cls) -> "EmbeddedConfig":
+        return cls(vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, unet_warmup=1, latent_cache=16,
+                   tokenizer_captions=300, checkpoint_every=2, vae_channels=(8, 16, 16), unet_channels=(16, 32),
+                   unet_layers_per_block=1, text_hidden=32, text_layers=1, text_heads=2)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def step_seed(seed: int, stage: str, step: int) -> int:
+    """A seed per (stage, step): data order survives a resume exactly."""
+    return random.Random(f"{stage}:{seed}:{step}").getrandbits(31)
+
+
+def images_to_tensor(images: Sequence) -> torch.Tensor:
+    """PIL images -> float tensor (B, 3, H, W) in [-1, 1]."""
+    array = np.stack([np.asarray(im, dtype=np.uint8) for im in images]).astype(np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def render_batch(scenes: Sequence[Scene], size: int) -> torch.Tensor:
+    return images_to_tensor([render_scene(s, size) for s in scenes])
+
+
+# --------------------------------------------------------------------------- vae
+
+
+def make_vae(cfg: EmbeddedConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels, layers_per_block=1,
+        norm_num_groups=min(16, cfg.vae_channels[0]), sample_size=cfg.image_size, scaling_factor=1.0,
+    )
+
+
+def train_vae(work: Path, cfg: EmbeddedConfig, log: Callable[[str], None] = print):
+    """Train (or resume) the VAE; returns it with its latent standardised per channel."""
+    vae = make_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.vae_steps) / cfg.vae_steps)))
+    ckpt = work / "vae"
+    start = 0
+    if checkpoint_step(ckpt) is not None:
+        start = load_checkpoint(ckpt, {"vae": vae}, opt, sched)["step"]
+        log(f"vae: resuming at step {start}")
+    vae.train()
+    bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae", dynamic_ncols=True)
+    for step in bar:
+        x = render_batch(sample_scenes(cfg.vae_batch, step_seed(cfg.seed, "vae", step), "train"), cfg.image_size)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=torch.Generator().manual_seed(step))).sample
+        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            save_checkpoint(ckpt, {"vae": vae}, step + 1, opt, sched)
+    vae.eval()
+    stats = standardise_latents(vae, cfg)
+    log(f"vae: latent mean before {stats['mean']}, std before {stats['std']}")
+    return vae, stats
+
+
+@torch.no_grad()
+def latent_stats(vae, cfg: EmbeddedConfig, n: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    scenes = sample_scenes(n, step_seed(cfg.seed, "vae-stats", 0), "train")
+    zs = [vae.encode(render_batch(scenes[i:i + 256], cfg.image_size)).latent_dist.mean for i in range(0, n, 256)]
+    z = torch.cat(zs)
+    return z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+
+
+@torch.no_grad()
+def standardise_latents(vae, cfg: EmbeddedConfig) -> dict:
+    """Fold a per-channel affine map into the VAE so its latents have mean 0 and std 1 per channel.
+
+    Encoder side: ``mean' = (mean - m) / s`` and ``logvar' = logvar - 2 log s`` (rows of ``quant_conv``).
+    Decoder side: ``post_quant_conv`` gets ``z = s * z' + m`` folded into its weights.
+    """
+    m, s = latent_stats(vae, cfg)
+    c = cfg.latent_channels
+    qc = vae.quant_conv
+    qc.weight[:c] /= s[:, None, None, None]
+    qc.bias[:c] = (qc.bias[:c] - m) / s
+    qc.bias[c:] -= 2 * torch.log(s)
+    pq = vae.post_quant_conv
+    pq.bias += (pq.weight[:, :, 0, 0] @ m)
+    pq.weight *= s[None, :, None, None]
+    m2, s2 = latent_stats(vae, cfg)
+    return {"mean": [round(v, 3) for v in m.tolist()], "std": [round(v, 3) for v in s.tolist()],
+            "mean_after": [round(v, 3) for v in m2.tolist()], "std_after": [round(v, 3) for v in s2.tolist()]}
+
+
+# --------------------------------------------------------------------------- tokenizer and text encoder
+
+
+def train_clip_tokenizer(texts: Sequence[str], out_dir: Path, vocab_size: int, max_length: int):
+    """A CLIP BPE tokenizer (lower-cased, ``</w>`` word ends, byte-level alphabet) trained on ``texts``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, end_of_word_suffix="</w>",
+                                  show_progress=False, special_tokens=[])
+    bpe.train_from_iterator(texts, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = {}
+    for ch in alphabet:  # CLIP's layout: every byte, then every byte as a word end, then merges
+        vocab.setdefault(ch, len(vocab))
+    for ch in alphabet:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, indent=2))
+    tok = CLIPTokenizer.from_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def make_text_encoder(cfg: EmbeddedConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * 4,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.text_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet(cfg: EmbeddedConfig):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size // 4, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_head_dim,
+        norm_num_groups=min(32, cfg.unet_channels[0]),
+    )
+
+
+def make_train_scheduler():
+    """Stable Diffusion 1.x's noise schedule (so the backbone behaves like SD for every scheduler)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="epsilon", clip_sample=False)
+
+
+def make_inference_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1)
+
+
+# --------------------------------------------------------------------------- unet + text encoder
+
+
+@torch.no_grad()
+def cache_latents(vae, cfg: EmbeddedConfig, work: Path) -> tuple[torch.Tensor, list[Scene]]:
+    """Encode ``latent_cache`` training scenes once (the VAE is frozen from here on)."""
+    path = work / "latents.safetensors"
+    scenes = sample_scenes(cfg.latent_cache, step_seed(cfg.seed, "unet-data", 0), "train")
+    if path.is_file():
+        latents = load_file(str(path))["latents"]
+        if latents.shape[0] == len(scenes):
+            return latents, scenes
+    chunks = []
+    for i in tqdm(range(0, len(scenes), 512), desc="encode latents", dynamic_ncols=True):
+        chunks.append(vae.encode(render_batch(scenes[i:i + 512], cfg.image_size)).latent_dist.mean)
+    latents = torch.cat(chunks).contiguous()
+    atomic_write_bytes(path, save_tensors({"latents": latents}))
+    return latents, scenes
+
+
+def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callable[[Scene, random.Random], str],
+               log: Callable[[str], None] = print):
+    """Train (or resume) the UNet and the text encoder together; returns their EMA copies."""
+    latents, scenes = cache_latents(vae, cfg, work)
+    torch.manual_seed(cfg.seed)
+    unet, text = make_unet(cfg), make_text_encoder(cfg, tokenizer)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    total = cfg.unet_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.unet_warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    noise_sched = make_train_scheduler()
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    ckpt = work / "unet"
+    start = 0
+    if checkpoint_step(ckpt) is not None:
+        start = load_checkpoint(ckpt, {"unet": unet, "text_encoder": text, "ema_unet": ema_unet,
+                                       "ema_text_encoder": ema_text}, opt, sched)["step"]
+        log(f"unet: resuming at step {start}")
+    unet.train()
+    text.train()
+    bar = tqdm(range(start, total), initial=start, total=total, desc="unet", dynamic_ncols=True)
+    for step in bar:
+        rng = random.Random(step_seed(cfg.seed, "unet", step))
+        idx = [rng.randrange(len(scenes)) for _ in range(cfg.unet_batch)]
+        captions = ["" if rng.random() < EMPTY_CAPTION_RATE else caption(scenes[i], rng) for i in idx]
+        ids = tokenizer(captions, padding="max_length", max_length=cfg.text_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, "unet-noise", step))
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        states = text(ids).last_hidden_state
+        pred = unet(xt, t, encoder_hidden_states=states).sample
+        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR weighting for epsilon-prediction
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"unet: loss is {loss.item()} at step {step}; last good checkpoint kept in {ckpt}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for ema, live in ((ema_unet, unet), (ema_text, text)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            save_checkpoint(ckpt, {"unet": unet, "text_encoder": text, "ema_unet": ema_unet,
+                                   "ema_text_encoder": ema_text}, step + 1, opt, sched)
+    return ema_unet.eval(), ema_text.eval()
+
+
+def save_backbone(out: Path, vae, unet, text_encoder, tokenizer, extra: dict | None = None) -> Path:
+    """Write the backbone in diffusers format as fp16 safetensors, atomically."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=make_inference_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe = pipe.to(torch.float16)
+    with atomic_dir(out, overwrite=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        keep_float32_by_default(tmp / "text_encoder")
+        (tmp / "polybridge_build.json").write_text(json.dumps(extra or {}, indent=2, default=str))
+    return out
+
+
+def keep_float32_by_default(folder: Path) -> None:
+    """Weights are stored in fp16 to keep the repository small, but transformers 5 loads a model in
+    the dtype its config records while diffusers loads in float32: record float32, so every component
+    of a plain ``from_pretrained`` agrees (pass ``torch_dtype=torch.float16`` for half precision)."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def config_dict(cfg: EmbeddedConfig) -> dict:
+    return asdict(cfg)

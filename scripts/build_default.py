@@ -1,0 +1,98 @@
+"""Build the embedded default backbone ``polybridge-tiny`` from nothing (seeded, resumable).
+
+    python scripts/build_default.py                 # full build on this machine (CPU: about 1-2 hours)
+    python scripts/build_default.py --smoke --out /tmp/tiny --work /tmp/tiny-work   # a few steps of every stage
+
+Every stage checkpoints into --work; run the same command again after a kill and it continues.
+See polybridge/training/embedded.py for what each stage does and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("vae", "tokenizer", "unet", "save")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "polybridge/assets/polybridge-tiny",
+                        help="where the backbone is written in diffusers format (default: the registry's path)")
+    parser.add_argument("--work", type=Path, default=REPO / "runs/build_default",
+                        help="checkpoints and caches, for resuming (default: runs/build_default)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps of every stage at toy sizes (for CI)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE's step count")
+    parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet's step count")
+    parser.add_argument("--registry", default=None, help="registry.yaml (default: the repository's)")
+    args = parser.parse_args(argv)
+
+    from dataclasses import replace
+
+    from polybridge.registry import load_registry
+    from polybridge.synthetic.captions import Captioner
+    from polybridge.training import embedded as E
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = E.EmbeddedConfig.smoke() if args.smoke else E.EmbeddedConfig()
+    cfg = replace(cfg, seed=args.seed)
+    if args.vae_steps is not None:
+        cfg = replace(cfg, vae_steps=args.vae_steps)
+    if args.unet_steps is not None:
+        cfg = replace(cfg, unet_steps=args.unet_steps)
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    saved = work / "config.json"
+    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(E.config_dict(cfg))):
+        print(f"error: {saved} was written by a build with other settings; use another --work or delete it",
+              file=sys.stderr)
+        return 2
+    saved.write_text(json.dumps(E.config_dict(cfg), indent=2))
+    started = time.time()
+    torch.manual_seed(cfg.seed)
+
+    registry = load_registry(args.registry or REPO)
+    lang = registry.backbone().language
+    captioner = Captioner(registry, [lang])
+
+    def caption(scene, rng: random.Random) -> str:
+        return captioner(scene, lang, rng)
+
+    vae, vae_stats = E.train_vae(work, cfg)
+    print(f"[{time.time() - started:.0f}s] vae done: {vae_stats}")
+
+    tok_dir = work / "tokenizer"
+    if (tok_dir / "vocab.json").is_file():
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    else:
+        from polybridge.synthetic.scenes import sample_scenes
+
+        rng = random.Random(cfg.seed)
+        texts = [caption(s, rng) for s in sample_scenes(cfg.tokenizer_captions, cfg.seed, "train")]
+        tokenizer = E.train_clip_tokenizer(texts, tok_dir, cfg.tokenizer_vocab, cfg.text_max_length)
+    print(f"[{time.time() - started:.0f}s] tokenizer: {len(tokenizer)} tokens")
+
+    unet, text_encoder = E.train_unet(work, cfg, vae, tokenizer, caption)
+    print(f"[{time.time() - started:.0f}s] unet done")
+
+    E.save_backbone(args.out, vae, unet, text_encoder, tokenizer,
+                    extra={"config": E.config_dict(cfg), "vae_latent_stats": vae_stats,
+                           "seconds": round(time.time() - started), "command": " ".join(sys.argv)})
+    print(f"[{time.time() - started:.0f}s] saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
