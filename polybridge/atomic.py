@@ -46,6 +46,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
             raise FileExistsError(f"{target} exists and is not empty (use overwrite / --overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _chmod_like_mkdir(tmp)
     try:
         yield tmp
         if target.exists():
@@ -58,6 +59,13 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp makes 0700 folders; give the result the mode a plain mkdir would (0777 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:

@@ -11,6 +11,10 @@ is encoded exactly as ``tokenizer(prompt, padding="max_length", max_length=max_l
 In a batch whose prompts need different numbers of chunks, the shorter ones are filled up with chunks
 of the empty prompt and :meth:`NativeEncoder.encode_with_mask` masks those filler chunks out, so a
 prompt encodes to the same states in any batch. ``""`` is a valid prompt (the unconditional one).
+
+``hidden_layer``: ``-1`` is the model's ``last_hidden_state`` (for CLIP text models that is after the
+final layer norm, as Stable Diffusion and BDM use it); any other value indexes ``hidden_states``
+(``0`` = the embeddings, ``-2`` = the penultimate layer's output, "clip skip").
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from polybridge.branches import (
 )
 from polybridge.branches import base as branch_base
 from polybridge.registry import BRANCH_TYPES
-from tiny_components import native_encoder, perturb_, tiny_unet
+from tiny_components import perturb_, tiny_unet
 
 NATIVE = 48  # the native encoder's width; the backbone's cross-attention is 32 wide
 

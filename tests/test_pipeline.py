@@ -127,6 +127,19 @@ def test_batch_equals_one_at_a_time(pipe):
     assert torch.allclose(batched, single, rtol=1e-4, atol=1e-5)
 
 
+def test_mixed_language_rows_share_one_batch(pipe, monkeypatch):
+    # The router (a later milestone) will give each row its own language through resolve_languages.
+    rows = ["ja", "en", "zh", "ja"]
+    prompts = [JA, "a red gate", ZH, "青い鳥居"]
+    monkeypatch.setattr(pipe, "resolve_languages", lambda prompts, language: list(rows))
+    batched = pipe(prompts, num_inference_steps=STEPS, generator=[gen(s) for s in range(4)], output_type="latent")
+    assert batched.languages == rows
+    monkeypatch.undo()
+    single = torch.cat([pipe(p, language=c, num_inference_steps=STEPS, generator=gen(s), output_type="latent").images
+                        for s, (p, c) in enumerate(zip(prompts, rows))])
+    assert torch.allclose(batched.images, single, rtol=1e-4, atol=1e-5)
+
+
 def test_long_prompts_are_chunked_and_batch_independent(pipe):
     long = "赤い鳥居" * 6  # 72 byte tokens: 6 chunks of 14 at max_length 16, more than 5 -> warned and cut
     with pytest.warns(UserWarning, match=r"ja prompt is 72 tokens.*at most 5 chunks of 14 tokens"):
