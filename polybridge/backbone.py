@@ -33,8 +33,9 @@ if TYPE_CHECKING:  # heavy imports stay out of module import time
 
 #: UNet config keys that define its architecture (the layout of its weights and how they are used).
 #: Keys absent from a config (older or newer diffusers) are skipped, so the hash stays stable.
+#: ``sample_size`` is left out on purpose: a 768-px fine-tune of SD 1.5 has the same weights layout,
+#: and a branch trained on SD 1.5 must plug into it.
 FINGERPRINT_KEYS: tuple[str, ...] = (
-    "sample_size",
     "in_channels",
     "out_channels",
     "center_input_sample",

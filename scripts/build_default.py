@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE's step count")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet's step count")
+    parser.add_argument("--eval-prompts", type=int, default=200, help="English test prompts scored at the end (default 200)")
+    parser.add_argument("--skip-eval", action="store_true", help="do not score the saved backbone")
     parser.add_argument("--registry", default=None, help="registry.yaml (default: the repository's)")
     args = parser.parse_args(argv)
 
@@ -91,7 +93,38 @@ def main(argv: list[str] | None = None) -> int:
                     extra={"config": E.config_dict(cfg), "vae_latent_stats": vae_stats,
                            "seconds": round(time.time() - started), "command": " ".join(sys.argv)})
     print(f"[{time.time() - started:.0f}s] saved {args.out}")
+    if not args.skip_eval:
+        evaluate(args.out, caption, n=16 if args.smoke else args.eval_prompts, seed=cfg.seed,
+                 steps=2 if args.smoke else 25, grid_dir=work)
+        print(f"[{time.time() - started:.0f}s] evaluated")
     return 0
+
+
+def evaluate(out: Path, caption, n: int, seed: int, steps: int, grid_dir: Path) -> dict:
+    """Load the saved backbone with stock diffusers and score English test prompts at guidance 1, 3 and 7.5."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import make_image_grid
+
+    from polybridge.atomic import atomic_write_text
+    from polybridge.eval.attributes import eval_prompts, guidance_sweep
+    from polybridge.synthetic.scorer import load_default_scorer
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    scenes, prompts = eval_prompts(caption, n, seed)
+    sweep = guidance_sweep(pipe, load_default_scorer(), scenes, prompts, (1.0, 3.0, 7.5), names_concepts=False,
+                           num_inference_steps=steps, seed=seed)
+    report = {"n_prompts": n, "split": "test", "steps": steps, "seed": seed,
+              "accuracy": {str(g): r["accuracy"] for g, r in sweep.items()},
+              "scorer": {str(g): {k: v for k, v in r["scorer"].items() if not isinstance(v, dict)}
+                         for g, r in sweep.items()}}
+    for g, r in sweep.items():
+        print(f"guidance {g}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items()))
+        k = min(64, len(r["images"]))
+        grid = make_image_grid(r["images"][:k], rows=k // min(8, k), cols=min(8, k))
+        grid.resize((grid.width * 4, grid.height * 4), resample=0).save(grid_dir / f"eval_guidance_{g}.png")
+    atomic_write_text(out / "eval.json", json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":
