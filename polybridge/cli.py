@@ -2,13 +2,15 @@
 
 Every command reads the registry (``--registry PATH``, ``$POLYBRIDGE_REGISTRY``, or the nearest
 ``registry.yaml``). Errors print one line naming the file, key or argument and exit with code 2;
-heavy libraries are imported only by the commands that need them.
+heavy libraries are imported only by the commands that need them. Set ``POLYBRIDGE_DEBUG=1``
+to get the full traceback instead of the one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -159,6 +161,119 @@ def cmd_synth_score(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- generate
+
+
+def _read_prompt_file(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise CommandError(f"--file {file}: no such file")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"--file {file}: not UTF-8 text ({exc})") from None
+    prompts = [line.strip() for line in lines]
+    if not any(prompts):
+        raise CommandError(f"--file {file}: holds no prompts (one prompt per line)")
+    empty = [i + 1 for i, line in enumerate(prompts) if not line]
+    if empty:
+        raise CommandError(f"--file {file}: line {empty[0]} is empty; write one prompt per line "
+                           "(an empty prompt would silently give an unconditional image)")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+    import warnings
+
+    import torch
+
+    from polybridge.atomic import atomic_dir, atomic_write_bytes
+
+    if (args.prompt is None) == (args.file is None):
+        raise CommandError("give either a PROMPT or --file PROMPTS.txt (not both)")
+    if args.file is not None and args.out is None:
+        raise CommandError("--file needs --out DIR (one image per line goes there)")
+    if args.file is None and args.output is None:
+        raise CommandError("give -o OUT.png for the image grid")
+    if args.prompt is not None and not args.prompt.strip():
+        raise CommandError("the prompt is empty; say what to draw (use --guidance 0 for unconditional samples)")
+    if args.guidance < 0:
+        raise CommandError(f"--guidance must be 0 or more, got {args.guidance}")
+    reg = _registry(args)
+    if args.lang is None:
+        raise CommandError("--lang is required for now: automatic language routing arrives with the router; "
+                           f"valid: {', '.join(reg.codes)}")
+    entry = reg.language(args.lang)
+    prompts = _read_prompt_file(args.file) if args.file else [args.prompt] * args.n
+    target = Path(args.out if args.file else args.output)
+    from polybridge.atomic import check_writable_parent
+
+    check_writable_parent(target)
+    status = entry.status()
+    untrained = entry.branch is not None and status["branch"] != "present" and status["branch"] != "hub"
+    if untrained:
+        print(f"polybridge: {args.lang} has no trained branch yet ({entry.branch_source} is missing); "
+              f"following its fallback '{entry.fallback}'"
+              + (": the zero branch gives the backbone's image for an empty prompt, not your prompt"
+                 if entry.fallback == "zero-branch" else ""), file=sys.stderr)
+
+    from polybridge.pipeline import PolyBridgePipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the notice above says it once, plainly
+        pipe = PolyBridgePipeline.from_registry(reg, languages=[args.lang])
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(language=args.lang, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  negative_prompt=args.negative, height=args.size, width=args.size)
+    if args.branch_scale is not None:
+        kwargs["branch_scale"] = args.branch_scale
+    if args.english_prompt and args.lang != reg.backbone().language:
+        kwargs["english_prompt"] = args.english_prompt
+    images = []
+    from tqdm.auto import tqdm
+
+    batches = range(0, len(prompts), args.batch_size)
+    for start in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2 or args.json):
+        chunk = prompts[start:start + args.batch_size]
+        gen = torch.Generator().manual_seed(args.seed + start)
+        images.extend(pipe(chunk, generator=gen, **kwargs).images)
+    if args.file:
+        with atomic_dir(target, overwrite=args.overwrite) as tmp:
+            for i, im in enumerate(images):
+                im.save(tmp / f"{i:06d}.png")
+        written = [str(target / f"{i:06d}.png") for i in range(len(images))]
+    else:
+        import io
+
+        from diffusers.utils import make_image_grid
+
+        cols = min(len(images), 4)
+        rows = -(-len(images) // cols)
+        blank = images[0].copy()
+        blank.paste((0, 0, 0), (0, 0, blank.width, blank.height))
+        grid = make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
+        if args.upscale > 1:
+            grid = grid.resize((grid.width * args.upscale, grid.height * args.upscale), resample=0)
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        atomic_write_bytes(target, buf.getvalue())
+        written = [str(target)]
+    record = {"prompts": prompts if args.file else [args.prompt], "n": len(images), "language": args.lang,
+              "trained_branch": not untrained, "fallback": entry.fallback if untrained else None,
+              "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance, "negative_prompt": args.negative,
+              "english_prompt": args.english_prompt, "size": images[0].size[0], "backbone": reg.default_backbone,
+              "written": written, "seconds": round(time.time() - started, 2)}
+    if args.json:
+        _print_json(record)
+    else:
+        print(f"wrote {written[0] if len(written) == 1 else target} ({len(images)} images, {record['seconds']}s)")
+    return 0
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 
@@ -248,6 +363,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_synth_score)
 
+    # generate
+    p = sub.add_parser("generate", help="draw images from a prompt (or a file of prompts) in any registered language",
+                       description="Generate with the backbone plus the language's branch. One prompt: an image "
+                                   "grid of -n images (-o OUT.png). --file: one image per line into --out DIR "
+                                   "(000000.png, 000001.png, ... in line order), batched.")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (omit with --file)")
+    p.add_argument("--lang", default=None, help="the prompt's language code (see `polybridge registry list`)")
+    p.add_argument("-n", type=_positive_int, default=4, help="images for a single prompt (default 4)")
+    p.add_argument("-o", "--output", default=None, help="image grid to write (PNG)")
+    p.add_argument("--file", default=None, help="a UTF-8 file with one prompt per line")
+    p.add_argument("--out", default=None, help="folder for --file's images (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0); batch k uses seed + its first index")
+    p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--negative", default=None, help="negative prompt (same language as the prompt)")
+    p.add_argument("--english-prompt", default="", help="English text for the backbone beside a native prompt (default \"\")")
+    p.add_argument("--branch-scale", type=float, default=None, help="scale of the branch (default: the entry's)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image side in pixels (default: the backbone's)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per batch (default 16)")
+    p.add_argument("--upscale", type=_positive_int, default=4, help="enlarge the grid by this factor, nearest-neighbour (default 4)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print what was run as JSON")
+    p.set_defaults(func=cmd_generate)
+
     # tokenizer
     p_tok = sub.add_parser("tokenizer", help="build per-language sentencepiece tokenizers")
     tok_sub = p_tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
@@ -269,7 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (RegistryError, CommandError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+    except (RegistryError, CommandError, ValueError, OSError, RuntimeError) as exc:
+        if os.environ.get("POLYBRIDGE_DEBUG"):
+            raise
         print(f"polybridge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
