@@ -147,15 +147,15 @@ def cmd_synth_render(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_score(args: argparse.Namespace) -> int:
-    from polybridge.synthetic.scorer import SceneScorer, load_default_scorer, score_dir
+    from polybridge.synthetic.scorer import SceneScorer, load_default_scorer
 
     scorer = SceneScorer.from_pretrained(args.scorer) if args.scorer else load_default_scorer()
-    result = score_dir(args.dir, scorer=scorer)
+    result = scorer.score_dir(args.dir)
     if args.json:
-        _print_json(result)
+        _print_json({"dir": str(args.dir), "accuracy": result})
         return 0
-    print(f"{args.dir}: {result.get('n_images', '?')} images")
-    acc = result.get("accuracy", result)
+    print(f"{args.dir}: {result['n_images']} images, {result['n_objects']} objects")
+    acc = result
     rows = [[k, f"{v:.3f}" if isinstance(v, float) else str(v)] for k, v in acc.items() if not isinstance(v, dict)]
     print(_table(rows, ["attribute", "accuracy"]))
     return 0

@@ -43,23 +43,6 @@ def render_batch(scenes, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def decolour(x: torch.Tensor, targets: dict[str, torch.Tensor], gen: torch.Generator, p: float) -> torch.Tensor:
-    """Turns a random ``p`` of the batch grey and drops its colour and background labels.
-
-    Without this the scorer leans on colour to tell similar silhouettes apart (a triangle from a
-    pagoda) and fails on held-out (object, colour) pairs it never saw. Grey images are never
-    world colours, so this teaches colour-blind shape features without showing any held-out pair.
-    """
-    pick = torch.rand(x.shape[0], generator=gen) < p
-    if pick.any():
-        grey = (x[pick] * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
-        x = x.clone()
-        x[pick] = grey.expand(-1, 3, -1, -1)
-        targets["colour"][pick] = -100
-        targets["background"][pick] = -100
-    return x
-
-
 def augment(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Noise, blur and brightness on a random ``p`` of the batch; the rest stays clean."""
     b = x.shape[0]
@@ -100,10 +83,9 @@ def format_metrics(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="seeds the scene streams, the init and the augmentation (default 0)")
-    ap.add_argument("--steps", type=int, default=1800, help="optimiser steps (default 1800)")
+    ap.add_argument("--steps", type=int, default=1600, help="optimiser steps (default 1600)")
     ap.add_argument("--batch", type=int, default=128, help="scenes per step (default 128)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (default 3e-3)")
-    ap.add_argument("--grey", type=float, default=0.2, help="fraction of each batch shown in grey, shape labels only (default 0.2)")
     ap.add_argument("--size", type=int, default=32, help="image size the scorer reads (default 32)")
     ap.add_argument("--eval-n", type=int, default=2000, help="fresh test-split scenes for the final evaluation (default 2000)")
     ap.add_argument("--out", type=Path, default=DEFAULT_SCORER_DIR, help=f"output folder (default {DEFAULT_SCORER_DIR})")
@@ -131,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in bar:
         scenes = sample_scenes(args.batch, args.seed, "train", start=step * args.batch)
         targets = scene_targets(scenes)
-        x = decolour(render_batch(scenes, args.size), targets, gen, args.grey)
-        x = augment(x, gen).contiguous(memory_format=torch.channels_last)
+        x = augment(render_batch(scenes, args.size), gen).contiguous(memory_format=torch.channels_last)
         loss = scorer_loss(model(x), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -295,6 +295,27 @@ def test_default_scorer_accuracy(default_scorer):
     assert result["n_images"] == 300 and result["n_objects"] > 300
 
 
+def test_default_scorer_reads_heldout_pairs(default_scorer):
+    """Held-out (object, colour) pairs were never in the scorer's training data; it must still read them."""
+    scenes = [s for s in sample_scenes(1500, 77, "test") if is_heldout(s)][:200]
+    result = default_scorer.score([render_scene(s) for s in scenes], scenes)
+    assert result["shape"] >= 0.97 and result["colour"] >= 0.97, result
+
+
+def test_colour_blind_view_hides_colour():
+    import torch
+
+    from polybridge.synthetic.scorer import colour_blind
+
+    def view(colour: str) -> torch.Tensor:
+        img = render_scene(Scene("brown", (SceneObject("guitar", colour, "large", "center"),)))
+        return colour_blind(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None])[0]
+
+    white = view("white")
+    for colour in COLOURS:
+        assert (view(colour) - white).abs().mean() < 0.03, colour
+
+
 def test_score_dir(default_scorer, tmp_path):
     out = render_to_dir(tmp_path / "d", 30, 11, "test", size=64)  # another size: resized with a warning
     with pytest.warns(UserWarning, match="resizing"):

@@ -7,6 +7,10 @@ The network answers, for the background and for each of the five :data:`POSITION
 feature map through one shared layer (an object looks the same wherever it sits), then its own
 small output layer (a window also sees the edges of its neighbours, which differ per position).
 
+Shape and size are read from a colour-blind view of the image (:func:`colour_blind`) and colour
+from a small separate branch: trained on the held-out-free split, a network that sees hue when
+it decides shape learns that, say, blue triangles do not exist, and misreads them at test time.
+
 Weights are safetensors with a ``config.json`` that records the image size and every class list,
 so weights trained against another version of the world refuse to load instead of scoring garbage.
 Build the default weights with ``python scripts/build_scorer.py``.
@@ -48,6 +52,27 @@ _WORLD_CLASSES: dict[str, list[str]] = {
 }
 
 
+def colour_blind(x: torch.Tensor) -> torch.Tensor:
+    """Two channels of ``x`` [B, 3, H, W] that show shape but say nothing about an object's colour.
+
+    1. Max over RGB: every object colour is brighter than every background, and the six colours
+       have nearly the same max (180-240), so it shows silhouettes without naming a hue.
+    2. Distance to the background colour (the median of the corner pixels, which objects never
+       reach) divided by its local maximum: accents show as fractions of the object's strongest
+       part. Dividing matters: raw distance (or min over RGB) tells white from the other colours,
+       and a shape reader that can tell white from red learns from the held-out-free training split
+       that white guitars do not exist, then misreads them in the test split.
+    """
+    b, _, h, _ = x.shape
+    corners = torch.cat([x[:, :, :2, :2], x[:, :, :2, -2:], x[:, :, -2:, :2], x[:, :, -2:, -2:]], dim=-1)
+    bg = corners.reshape(b, 3, -1).median(dim=-1).values[:, :, None, None]
+    dist = (x - bg).norm(dim=1, keepdim=True) / math.sqrt(3)
+    k = 2 * (h // 6) + 1  # about an object's radius
+    # The floor keeps background noise (generated images) from being blown up to full contrast.
+    local = nn.functional.max_pool2d(dist, k, stride=1, padding=k // 2).clamp_min(0.2)
+    return torch.cat([x.amax(1, keepdim=True), (dist / local).clamp(max=1.0)], dim=1)
+
+
 class ScorerError(RuntimeError):
     """Scorer weights or inputs are missing or do not match the world."""
 
@@ -64,23 +89,33 @@ class SceneScorer(nn.Module):
         image_size: int = 32,
         widths: Sequence[int] = (32, 48, 64, 96),
         hidden: int = 160,
+        colour_widths: Sequence[int] = (16, 24, 32),
+        colour_hidden: int = 48,
     ) -> None:
         super().__init__()
         if image_size % 4:
-            raise ValueError(f"image_size={image_size} must be a multiple of 4 (the trunk halves it twice)")
+            raise ValueError(f"image_size={image_size} must be a multiple of 4 (the trunks halve it twice)")
         self.config: dict[str, Any] = {
             "format": FORMAT,
-            "version": 1,
+            "version": 3,
             "image_size": image_size,
             "widths": list(widths),
             "hidden": hidden,
+            "colour_widths": list(colour_widths),
+            "colour_hidden": colour_hidden,
             **_WORLD_CLASSES,
         }
         w1, w2, w3, w4 = widths
+        # Shape trunk: sees the colour-blind view only (see colour_blind), so it cannot learn
+        # "blue things are never triangles" from the training split and fail on held-out pairs.
         self.trunk = nn.Sequential(
-            _block(3, w1), _block(w1, w1), nn.MaxPool2d(2),
+            _block(2, w1), _block(w1, w1), nn.MaxPool2d(2),
             _block(w1, w2), _block(w2, w3), nn.MaxPool2d(2),
             _block(w3, w4), _block(w4, w4),
+        )
+        c1, c2, c3 = colour_widths
+        self.colour_trunk = nn.Sequential(
+            _block(3, c1), nn.MaxPool2d(2), _block(c1, c2), nn.MaxPool2d(2), _block(c2, c3),
         )
         fmap = image_size // 4
         # Each position reads half the map (16 px at 32 px): a large object plus its jitter fits inside.
@@ -93,28 +128,32 @@ class SceneScorer(nn.Module):
             self.starts.append((sy, sx))
         self.squeeze = nn.Sequential(nn.Conv2d(w4, w4 // 2, 1), nn.ReLU(inplace=True))
         self.shared = nn.Sequential(nn.Linear(w4 // 2 * self.window**2, hidden), nn.ReLU(inplace=True))
+        self.colour_shared = nn.Sequential(nn.Linear(c3 * self.window**2, colour_hidden), nn.ReLU(inplace=True))
         self.n_obj, self.n_col, self.n_size = len(OBJECTS) + 1, len(COLOURS), len(SIZES)
-        self.heads = nn.ModuleList(nn.Linear(hidden, self.n_obj + self.n_col + self.n_size) for _ in POSITIONS)
-        self.background = nn.Linear(w4, len(BACKGROUNDS))
+        self.heads = nn.ModuleList(nn.Linear(hidden, self.n_obj + self.n_size) for _ in POSITIONS)
+        self.colour_heads = nn.ModuleList(nn.Linear(colour_hidden + hidden, self.n_col) for _ in POSITIONS)
+        self.background = nn.Linear(c3, len(BACKGROUNDS))
 
     @property
     def image_size(self) -> int:
         return int(self.config["image_size"])
 
+    def _windows(self, g: torch.Tensor) -> torch.Tensor:
+        w = self.window
+        return torch.stack([g[:, :, sy:sy + w, sx:sx + w].flatten(1) for sy, sx in self.starts], dim=1)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x``: float [B, 3, S, S] in [0, 1]. Returns logits: background [B, 4]; objects, colour, size [B, 5, C]."""
-        f = self.trunk(x - 0.5)
-        background = self.background(f.mean(dim=(2, 3)))
-        g = self.squeeze(f)
-        w = self.window
-        windows = torch.stack([g[:, :, sy:sy + w, sx:sx + w].flatten(1) for sy, sx in self.starts], dim=1)
-        h = self.shared(windows)  # [B, P, hidden]
+        h = self.shared(self._windows(self.squeeze(self.trunk(colour_blind(x) - 0.5))))  # [B, P, hidden]
+        c = self.colour_trunk(x - 0.5)
+        hc = torch.cat([self.colour_shared(self._windows(c)), h], dim=-1)
         out = torch.stack([head(h[:, i]) for i, head in enumerate(self.heads)], dim=1)
+        colour = torch.stack([head(hc[:, i]) for i, head in enumerate(self.colour_heads)], dim=1)
         return {
-            "background": background,
+            "background": self.background(c.mean(dim=(2, 3))),
             "objects": out[..., : self.n_obj],
-            "colour": out[..., self.n_obj: self.n_obj + self.n_col],
-            "size": out[..., self.n_obj + self.n_col:],
+            "colour": colour,
+            "size": out[..., self.n_obj:],
         }
 
     # ------------------------------------------------------------------ io
@@ -172,10 +211,11 @@ class SceneScorer(nn.Module):
                     f"has {expected}; these weights were trained for another world, rebuild them with "
                     f"`python scripts/build_scorer.py`"
                 )
-        absent = [k for k in ("image_size", "widths", "hidden") if k not in config]
+        arch = ("image_size", "widths", "hidden", "colour_widths", "colour_hidden")
+        absent = [k for k in arch if k not in config]
         if absent:
-            raise ScorerError(f"{config_file}: missing keys {absent}")
-        model = cls(config["image_size"], config["widths"], config["hidden"])
+            raise ScorerError(f"{config_file}: missing keys {absent} (written by an older scorer; rebuild it)")
+        model = cls(*(config[k] for k in arch))
         state = load_file(str(weights_file))
         expected_keys = set(model.state_dict())
         if set(state) != expected_keys:

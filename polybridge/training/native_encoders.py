@@ -18,13 +18,20 @@ What is trained, per language (all of it from scratch, seeded):
   holds pairs whose captions say the same thing (a lantern and a pagoda are both "an object" in
   Japanese); those are false negatives for plain InfoNCE. Pairs whose *described* scene is identical
   (:func:`text_targets` equal) count as positives, with the target spread evenly over them.
-  (2) An attribute loss on the pooled text state: background, and per position object-or-empty over
+  (2) Attribute losses from the text: background, and per position object-or-empty over
   ``world.OBJECTS`` (plus one class for an object the language does not name), colour and size; the
-  targets are :func:`polybridge.synthetic.scorer.scene_targets`. It makes the token states provably
-  carry every attribute, and it converges in a few hundred steps where InfoNCE alone would need
-  thousands. (3) The same attribute loss on the image features, with full object ids (the image shows
-  a lantern even where the caption says "object"), so the image tower is a usable feature extractor
-  for CLIPScore- and FID-style figures.
+  targets are :func:`polybridge.synthetic.scorer.scene_targets`. Read twice, both times *linearly*:
+  from the pooled ``</s>`` state (:class:`AttributeProbe`), and from all token states through one
+  cross-attention layer with a learned query per position (:class:`TokenProbe`), which is how a branch
+  reads them. They make the token states provably carry every attribute, and they converge in a few
+  hundred steps where InfoNCE alone would need thousands. (3) The same loss on the image features, with
+  full object ids (the image shows a lantern even where the caption says "object"), so the image tower
+  is a usable feature extractor for CLIPScore- and FID-style figures.
+  All attribute losses use label smoothing 0.1: training never shows a held-out (object, colour) pair,
+  and with hard targets a model learns "a circle is never red" and overrides the word "red" on the test
+  split (held-out colour accuracy 0.65 -> 0.86 on zh validation with smoothing); linear read-outs
+  instead of MLPs helped held-out shapes further (token probe 0.66 -> 0.83). Held-out pairs remain the
+  weak spot; ``polybridge_encoder.json`` reports them separately.
 - **data**: per step, half the scenes from the language's own pool (generic shapes plus the concepts it
   names, so it learns its concept words) and half from the whole world (so it learns the word for an
   unnamed object), training split only (held-out (object, colour) pairs never seen); captions from the
@@ -99,14 +106,18 @@ class NativeEncoderConfig:
     image_size: int = 32
     image_widths: tuple[int, ...] = (32, 48, 64, 96)
     image_features: int = 192
-    probe_hidden: int = 192
-    steps: int = 600
-    batch: int = 128
+    probe_hidden: int = 0
+    image_probe_hidden: int = 192
+    steps: int = 700
+    batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 30
     attribute_weight: float = 1.0
+    token_attribute_weight: float = 1.0
     image_attribute_weight: float = 0.5
+    label_smoothing: float = 0.1
+    dropout: float = 0.0
     own_fraction: float = 0.5
     seed: int = 0
     checkpoint_every: int = 100
@@ -116,7 +127,7 @@ class NativeEncoderConfig:
     @classmethod
     def smoke(cls) -> "NativeEncoderConfig":
         return cls(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, projection_dim=16,
-                   image_widths=(8, 8, 16, 16), image_features=32, probe_hidden=32, steps=3, batch=8,
+                   image_widths=(8, 8, 16, 16), image_features=32, image_probe_hidden=32, steps=3, batch=8,
                    warmup=1, checkpoint_every=1, eval_scenes=16, eval_batch=8)
 
     def check(self) -> None:
@@ -152,7 +163,7 @@ def make_text_model(cfg: NativeEncoderConfig, vocab_size: int):
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings, projection_dim=cfg.projection_dim,
-        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        dropout=cfg.dropout, attention_dropout=cfg.dropout, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
     )
     return CLIPTextModel(config)
 
@@ -177,6 +188,13 @@ class ImageTower(nn.Module):
         return self.head(self.trunk(x))
 
 
+def _head(dim: int, hidden: int, out: int) -> nn.Module:
+    """A linear read-out (``hidden`` 0) or a one-hidden-layer MLP."""
+    if hidden <= 0:
+        return nn.Linear(dim, out)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
 class AttributeProbe(nn.Module):
     """Background, and per position object (or empty), colour and size, read from one vector."""
 
@@ -184,7 +202,7 @@ class AttributeProbe(nn.Module):
         super().__init__()
         self.n_pos, self.n_obj, self.n_col, self.n_size = len(POSITIONS), n_objects, len(COLOURS), len(SIZES)
         per = n_objects + self.n_col + self.n_size
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, len(BACKGROUNDS) + self.n_pos * per))
+        self.net = _head(dim, hidden, len(BACKGROUNDS) + self.n_pos * per)
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.net(h)
@@ -195,6 +213,33 @@ class AttributeProbe(nn.Module):
             "objects": rest[..., :self.n_obj],
             "colour": rest[..., self.n_obj:self.n_obj + self.n_col],
             "size": rest[..., self.n_obj + self.n_col:],
+        }
+
+
+class TokenProbe(nn.Module):
+    """The attributes read from *all* token states the way a branch reads them: learned queries (one for
+    the background, one per position) cross-attend over the states, then shared output layers."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, n_objects: int):
+        super().__init__()
+        self.n_pos, self.n_obj, self.n_col, self.n_size = len(POSITIONS), n_objects, len(COLOURS), len(SIZES)
+        self.queries = nn.Parameter(torch.randn(1 + self.n_pos, dim) * dim ** -0.5)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.background = nn.Linear(dim, len(BACKGROUNDS))
+        self.slot = _head(dim, hidden, n_objects + self.n_col + self.n_size)
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        q = self.queries.unsqueeze(0).expand(len(states), -1, -1)
+        pad = None if attention_mask is None else attention_mask == 0
+        h, _ = self.attn(q, states, states, key_padding_mask=pad, need_weights=False)
+        h = self.norm(h + q)
+        slots = self.slot(h[:, 1:])
+        return {
+            "background": self.background(h[:, 0]),
+            "objects": slots[..., :self.n_obj],
+            "colour": slots[..., self.n_obj:self.n_obj + self.n_col],
+            "size": slots[..., self.n_obj + self.n_col:],
         }
 
 
@@ -209,11 +254,17 @@ class ContrastiveModel(nn.Module):
         self.image = ImageTower(cfg.image_size, cfg.image_widths, cfg.image_features)
         self.image_projection = nn.Linear(cfg.image_features, cfg.projection_dim, bias=False)
         self.text_probe = AttributeProbe(cfg.hidden_size, cfg.probe_hidden, len(TEXT_OBJECT_CLASSES))
-        self.image_probe = AttributeProbe(cfg.image_features, cfg.probe_hidden, len(OBJECTS) + 1)
+        self.token_probe = TokenProbe(cfg.hidden_size, cfg.num_heads, cfg.probe_hidden, len(TEXT_OBJECT_CLASSES))
+        self.image_probe = AttributeProbe(cfg.image_features, cfg.image_probe_hidden, len(OBJECTS) + 1)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def text_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.text(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(last_hidden_state [B, T, H], pooled [B, H])."""
+        out = self.text(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state, out.pooler_output
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised text embeddings [B, projection_dim]."""
@@ -287,6 +338,25 @@ def same_described(targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, B] bool: pairs whose captions describe the same scene."""
     k = _keys(targets)
     return (k[:, None, :] == k[None, :, :]).all(-1)
+
+
+def attribute_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                   label_smoothing: float = 0.0) -> torch.Tensor:
+    """:func:`polybridge.synthetic.scorer.scorer_loss` (same targets, same terms) with label smoothing.
+
+    Smoothing spreads the target evenly over every wrong class, so nothing rewards a model for ruling
+    out a combination it never saw (a held-out (object, colour) pair): the words decide, not the prior.
+    """
+    if not label_smoothing:
+        return scorer_loss(logits, targets)
+
+    def ce(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(x, t, ignore_index=-100, label_smoothing=label_smoothing)
+
+    return (ce(logits["background"], targets["background"])
+            + ce(logits["objects"].flatten(0, 1), targets["objects"].flatten())
+            + ce(logits["colour"].flatten(0, 1), targets["colour"].flatten())
+            + ce(logits["size"].flatten(0, 1), targets["size"].flatten()))
 
 
 def contrastive_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor,
@@ -381,15 +451,18 @@ def _optimizer(model: ContrastiveModel, cfg: NativeEncoderConfig):
 
 def train_step_losses(model: ContrastiveModel, cfg: NativeEncoderConfig, ids: torch.Tensor, mask: torch.Tensor,
                       images: torch.Tensor, t_targets: dict, i_targets: dict) -> dict[str, torch.Tensor]:
-    pooled = model.text_pooled(ids, mask)
+    states, pooled = model.text_states(ids, mask)
     feats = model.image(images)
     text_emb = F.normalize(model.text_projection(pooled), dim=-1)
     image_emb = F.normalize(model.image_projection(feats), dim=-1)
     nce = contrastive_loss(text_emb, image_emb, model.logit_scale, same_described(t_targets))
-    t_attr = scorer_loss(model.text_probe(pooled), t_targets)
-    i_attr = scorer_loss(model.image_probe(feats), i_targets)
-    total = nce + cfg.attribute_weight * t_attr + cfg.image_attribute_weight * i_attr
-    return {"loss": total, "nce": nce, "text_attr": t_attr, "image_attr": i_attr}
+    ls = cfg.label_smoothing
+    t_attr = attribute_loss(model.text_probe(pooled), t_targets, ls)
+    k_attr = attribute_loss(model.token_probe(states, mask), t_targets, ls)
+    i_attr = attribute_loss(model.image_probe(feats), i_targets, ls)
+    total = nce + cfg.attribute_weight * t_attr + cfg.token_attribute_weight * k_attr \
+        + cfg.image_attribute_weight * i_attr
+    return {"loss": total, "nce": nce, "text_attr": t_attr, "token_attr": k_attr, "image_attr": i_attr}
 
 
 def train_native_encoder(registry, code: str, out_dir: str | Path, work_dir: str | Path,
@@ -453,7 +526,10 @@ def train_native_encoder(registry, code: str, out_dir: str | Path, work_dir: str
         scenes = batch_scenes(cfg, code, concepts, "train", seed, cfg.batch)
         ids, mask = _tokenize(tokenizer, _captions(captioner, code, scenes, seed), cfg.max_position_embeddings)
         images = render_batch(scenes, cfg.image_size)
-        parts = train_step_losses(model, cfg, ids, mask, images, text_targets(scenes, concepts), scene_targets(scenes))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # dropout masks are a function of the step too
+            parts = train_step_losses(model, cfg, ids, mask, images, text_targets(scenes, concepts),
+                                      scene_targets(scenes))
         if not torch.isfinite(parts["loss"]):
             raise FloatingPointError(f"{code}: loss is {parts['loss'].item()} at step {step}; "
                                      f"last good checkpoint kept in {ckpt}")
@@ -563,11 +639,11 @@ def evaluate_model(model: ContrastiveModel, tokenizer, captioner, code: str, con
     captions = _captions(captioner, code, scenes, seed)
     t_targets = text_targets(scenes, concepts)
     i_targets = scene_targets(scenes)
-    strict, same, probes, img_probes = [], [], [], []
+    strict, same, probes, tok_probes, img_probes = [], [], [], [], []
     for start in range(0, len(scenes), cfg.eval_batch):
         sl = slice(start, start + cfg.eval_batch)
         ids, mask = _tokenize(tokenizer, captions[sl], cfg.max_position_embeddings)
-        pooled = model.text_pooled(ids, mask)
+        states, pooled = model.text_states(ids, mask)
         feats = model.image(render_batch(scenes[sl], cfg.image_size))
         t = F.normalize(model.text_projection(pooled), dim=-1)
         i = F.normalize(model.image_projection(feats), dim=-1)
@@ -577,12 +653,15 @@ def evaluate_model(model: ContrastiveModel, tokenizer, captioner, code: str, con
         described = same_described({k: v[sl] for k, v in t_targets.items()})
         same.append(described[torch.arange(n), best])
         probes.append({k: v.argmax(-1) for k, v in model.text_probe(pooled).items()})
+        tok_probes.append({k: v.argmax(-1) for k, v in model.token_probe(states, mask).items()})
         img_probes.append({k: v.argmax(-1) for k, v in model.image_probe(feats).items()})
     strict_t, same_t = torch.cat(strict), torch.cat(same)
     heldout = torch.tensor([is_heldout(s) for s in scenes])
     text_pred = {k: torch.cat([p[k] for p in probes]) for k in probes[0]}
     image_pred = {k: torch.cat([p[k] for p in img_probes]) for k in img_probes[0]}
+    token_pred = {k: torch.cat([p[k] for p in tok_probes]) for k in tok_probes[0]}
     text_acc = attribute_accuracy(text_pred, t_targets, heldout)
+    token_acc = attribute_accuracy(token_pred, t_targets, heldout)
     image_acc = attribute_accuracy(image_pred, i_targets, heldout)
     return {
         "split": split,
@@ -594,6 +673,7 @@ def evaluate_model(model: ContrastiveModel, tokenizer, captioner, code: str, con
         "retrieval_top1_heldout": _mean(strict_t[heldout]),
         "chance_top1": 1 / cfg.eval_batch,
         "text_probe": text_acc,
+        "token_probe": token_acc,
         "image_probe": image_acc,
         "logit_scale": round(float(model.logit_scale.exp()), 3),
     }
