@@ -35,3 +35,9 @@ def copy_registry(dest: Path, with_artifacts: bool = False) -> Path:
 def registry_copy(tmp_path: Path) -> Path:
     """Path of a registry.yaml in tmp_path: a copy of the real one without built weights."""
     return copy_registry(tmp_path / "repo")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same torch seed (as diffusers' fast tests do)."""
+    torch.manual_seed(0)

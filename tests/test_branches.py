@@ -25,18 +25,6 @@ from tiny_components import perturb_, tiny_unet
 NATIVE = 48  # the native encoder's width; the backbone's cross-attention is 32 wide
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On 2 shared cores one torch thread runs these tiny models 10x faster than two (no spinning workers).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from polybridge.cli import main
 from polybridge.registry import load_registry

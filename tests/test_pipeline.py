@@ -22,18 +22,6 @@ ZH = "红色的灯笼挂在古老的宝塔上"
 JA = "赤い鳥居"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On 2 shared cores one torch thread runs these tiny models 10x faster than two (no spinning workers).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def gen(seed: int = 0) -> torch.Generator:
