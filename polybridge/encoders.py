@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 #: BDM encodes up to 5 chunks of 52 tokens; polybridge keeps the same cap by default.
 DEFAULT_MAX_CHUNKS = 5
 
-ENCODER_BUILD_HINT = "build it with `python scripts/build_default.py` or point encoder.source at a hub id"
+ENCODER_BUILD_HINT = "build it with `python scripts/build_encoders.py --langs {code}` or point encoder.source at a hub id"
 TOKENIZER_BUILD_HINT = "build it with `polybridge tokenizer build --lang {code}` or point encoder.tokenizer at a hub id"
 
 
@@ -171,7 +171,7 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
         raise RegistryError(entry.file, "encoder", f"{entry.code!r} is the backbone's language and has no native encoder")
     spec = entry.encoder
     source, tok_source = entry.encoder_source, entry.tokenizer_source
-    _check_local(source, entry, "encoder", ENCODER_BUILD_HINT)
+    _check_local(source, entry, "encoder", ENCODER_BUILD_HINT.format(code=entry.code))
     _check_local(tok_source, entry, "tokenizer", TOKENIZER_BUILD_HINT.format(code=entry.code))
 
     model_cls = getattr(transformers, spec.model_class, None)
