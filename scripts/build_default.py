@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE's step count")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet's step count")
+    parser.add_argument("--unet-stop", type=int, default=None,
+                        help="end the UNet stage at this step (its schedule stays --unet-steps long); resumable later")
     parser.add_argument("--eval-prompts", type=int, default=200, help="English test prompts scored at the end (default 200)")
     parser.add_argument("--skip-eval", action="store_true", help="do not score the saved backbone")
     parser.add_argument("--registry", default=None, help="registry.yaml (default: the repository's)")
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from polybridge.registry import load_registry
     from polybridge.synthetic.captions import Captioner
     from polybridge.training import embedded as E
+    from polybridge.training.checkpoint import checkpoint_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = E.train_clip_tokenizer(texts, tok_dir, cfg.tokenizer_vocab, cfg.text_max_length)
     print(f"[{time.time() - started:.0f}s] tokenizer: {len(tokenizer)} tokens")
 
-    unet, text_encoder = E.train_unet(work, cfg, vae, tokenizer, caption)
-    print(f"[{time.time() - started:.0f}s] unet done")
+    unet, text_encoder = E.train_unet(work, cfg, vae, tokenizer, caption, stop_at=args.unet_stop)
+    print(f"[{time.time() - started:.0f}s] unet done (step {checkpoint_step(work / 'unet')} of {cfg.unet_steps})")
 
     E.save_backbone(args.out, vae, unet, text_encoder, tokenizer,
                     extra={"config": E.config_dict(cfg), "vae_latent_stats": vae_stats,
+                           "unet_step": checkpoint_step(work / "unet"),
                            "seconds": round(time.time() - started), "command": " ".join(sys.argv)})
     print(f"[{time.time() - started:.0f}s] saved {args.out}")
     if not args.skip_eval:

@@ -275,8 +275,12 @@ def cache_latents(vae, cfg: EmbeddedConfig, work: Path) -> tuple[torch.Tensor, l
 
 
 def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callable[[Scene, random.Random], str],
-               log: Callable[[str], None] = print):
-    """Train (or resume) the UNet and the text encoder together; returns their EMA copies."""
+               log: Callable[[str], None] = print, stop_at: int | None = None):
+    """Train (or resume) the UNet and the text encoder together; returns their EMA copies.
+
+    ``stop_at`` ends the stage early at that step (the schedule stays the one of ``cfg.unet_steps``),
+    so a shorter build is reproducible and can later resume to the full length.
+    """
     latents, scenes = cache_latents(vae, cfg, work)
     torch.manual_seed(cfg.seed)
     unet, text = make_unet(cfg), make_text_encoder(cfg, tokenizer)
@@ -297,7 +301,8 @@ def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callabl
         log(f"unet: resuming at step {start}")
     unet.train()
     text.train()
-    bar = tqdm(range(start, total), initial=start, total=total, desc="unet", dynamic_ncols=True)
+    end = total if stop_at is None else max(start, min(stop_at, total))
+    bar = tqdm(range(start, end), initial=start, total=total, desc="unet", dynamic_ncols=True)
     for step in bar:
         rng = random.Random(step_seed(cfg.seed, "unet", step))
         idx = [rng.randrange(len(scenes)) for _ in range(cfg.unet_batch)]
@@ -326,7 +331,7 @@ def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callabl
                 for pe, pl in zip(ema.parameters(), live.parameters()):
                     pe.lerp_(pl, 1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in (total, end):
             save_checkpoint(ckpt, {"unet": unet, "text_encoder": text, "ema_unet": ema_unet,
                                    "ema_text_encoder": ema_text}, step + 1, opt, sched)
     return ema_unet.eval(), ema_text.eval()
