@@ -268,7 +268,7 @@ def test_from_registry_fallbacks(registry_root):
 def test_missing_local_weights_are_clear_errors(registry_root, tmp_path):
     reg = load_registry(registry_root)
     with pytest.raises(FileNotFoundError, match=r"language 'ko' \(KO\): encoder folder .*ko/encoder does not exist"
-                                                 r".*scripts/build_default.py"):
+                                                 r".*scripts/build_encoders.py --langs ko"):
         load_encoder(reg.language("ko"))
     # Weights that do not fill the model are refused, not topped up with random values.
     broken = tmp_path / "broken"
