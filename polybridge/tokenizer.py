@@ -228,7 +228,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
         **(info or {}),
     }
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a tokenizer is meant to be read by anyone
         hf.save_pretrained(str(tmp))
         (tmp / SPM_FILE).write_bytes(model)
         (tmp / INFO_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

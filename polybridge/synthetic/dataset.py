@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from polybridge.atomic import atomic_dir
 from polybridge.synthetic.render import render_scene
 from polybridge.synthetic.scenes import is_heldout, sample_scenes, scene_rng
 from polybridge.synthetic.world import Scene
@@ -142,21 +141,7 @@ def render_to_dir(
     if captioner is not None and lang is None:
         raise ValueError("captioner= was given without lang=; say which language the captions are in")
     out = Path(out_dir).expanduser().absolute()
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise FileExistsError(f"out_dir={str(out)!r} exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"out_dir={str(out)!r} exists and is not empty; pass overwrite=True to replace it")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise PermissionError(
-            f"out_dir={str(out)!r}: cannot write to its parent folder {str(parent)!r} ({e.strerror or e})"
-        ) from e
-    try:
-        _chmod_like_mkdir(tmp)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         scenes = sample_scenes(n, seed, split, concepts=concepts)
         lines = []
         iterator: Any = enumerate(scenes)
@@ -176,31 +161,5 @@ def render_to_dir(
         meta = {"format": DIR_FORMAT, "n": n, "seed": seed, "split": split, "size": size, "lang": lang,
                 "concepts": list(concepts) if concepts is not None else None}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Moves ``new`` to ``dest``; an existing ``dest`` is moved aside first and deleted only after the swap."""
-    if not dest.exists():
-        new.rename(dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    old.rmdir()
-    dest.rename(old)
-    try:
-        new.rename(dest)
-    except BaseException:
-        old.rename(dest)  # put the previous output back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes a private (0700) folder; the renamed result should look like any other folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from polybridge.atomic import atomic_dir
 from polybridge.synthetic.world import BACKGROUNDS, COLOURS, CONCEPTS, OBJECTS, POSITIONS, SHAPES, SIZES, Scene
 
 CONFIG_NAME = "config.json"
@@ -162,32 +162,13 @@ class SceneScorer(nn.Module):
         """Writes config.json, fp16 model.safetensors (and metrics.json) atomically: temp folder, then rename."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            _chmod_like_mkdir(tmp)
+        with atomic_dir(directory, overwrite=True) as tmp:
             state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous().cpu()
                      for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
             if metrics is not None:
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-            for f in tmp.iterdir():
-                os.chmod(f, 0o644)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                if old.exists():
-                    _rmtree(old)
-                directory.rename(old)
-                tmp.rename(directory)
-                _rmtree(old)
-            else:
-                tmp.rename(directory)
-        except BaseException:
-            if tmp.exists():
-                _rmtree(tmp)
-            raise
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "SceneScorer":
@@ -413,15 +394,3 @@ def scorer_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor
         + ce(logits["size"].flatten(0, 1), targets["size"].flatten(), ignore_index=-100)
     )
 
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes a private (0700) folder; the renamed result should look like any other folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
