@@ -76,6 +76,8 @@ def test_build_script_smoke_then_resume(tmp_path):
     if (REPO / "polybridge/assets/scorer/config.json").is_file():
         report = json.loads((out / "eval.json").read_text())
         assert set(report["accuracy"]) == {"1.0", "3.0", "7.5"}
+        build = json.loads((out / "polybridge_build.json").read_text())
+        assert {"shape", "colour", "position"} <= set(build["vae_latent_stats"]["reconstruction_accuracy"])
 
     from diffusers import StableDiffusionPipeline
 
