@@ -31,6 +31,18 @@ def check_writable_parent(target: str | Path) -> Path:
     return target
 
 
+def check_dir_target(target: str | Path, overwrite: bool = False) -> Path:
+    """``target`` as a Path, after checking that :func:`atomic_dir` could write it: a writable parent, and an
+    existing ``target`` is a folder, empty unless ``overwrite``. Call it first to fail before long work."""
+    target = check_writable_parent(target)
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a folder")
+        if any(target.iterdir()) and not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty (use overwrite / --overwrite to replace it)")
+    return target
+
+
 @contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling folder; on success it replaces ``target``, on error it is removed.
@@ -38,32 +50,37 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     An existing non-empty ``target`` is refused unless ``overwrite``; then it is replaced only
     once the new content is complete.
     """
-    target = check_writable_parent(target)
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a folder")
-        if any(target.iterdir()) and not overwrite:
-            raise FileExistsError(f"{target} exists and is not empty (use overwrite / --overwrite to replace it)")
+    target = check_dir_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     _chmod_like_mkdir(tmp)
     try:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old / "x", target)  # put the previous content back before giving up
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(tmp: str | Path, target: str | Path) -> None:
+    """Rename the complete folder ``tmp`` to ``target`` (a sibling), replacing what is there; the previous
+    content is removed only once the new one is in place, and put back if the rename fails.
+
+    :func:`atomic_dir` ends with this; call it directly when several processes fill one folder together
+    (each writing its part of a distributed checkpoint into ``tmp``) and one of them publishes it."""
+    tmp, target = Path(tmp), Path(target)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "x")
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old / "x", target)  # put the previous content back before giving up
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
 
 
 def _chmod_like_mkdir(path: Path) -> None:

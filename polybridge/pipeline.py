@@ -7,6 +7,8 @@ UNet's down and mid blocks, while the backbone's text encoder reads ``english_pr
 default, as BDM trains it). Classifier-free guidance runs the negative prompt through both paths:
 ``""`` to the backbone's text encoder, the native negative prompt to the branch, as BDM's released
 script does. All rows of one call share one backbone UNet call per step; each branch runs on its rows.
+A ``context`` branch (pea) instead replaces the backbone's text states on its rows by its adapter's output
+(followed by the backbone's states of ``english_prompt`` when that is not empty); it runs once per call.
 
 Everything on the backbone side is Stable Diffusion's own computation, so with an untrained
 (zero-output) branch the pipeline gives exactly what ``StableDiffusionPipeline`` gives for ``""``.
@@ -15,8 +17,12 @@ Languages whose registry entry has no trained branch follow the entry's ``fallba
 ``zero-branch`` runs a zero-initialised branch (and warns that the language is untrained),
 ``backbone`` sends the native text to the backbone's text encoder as it is, ``error`` refuses.
 
-``language=None`` is refused for now: choosing a language per prompt is the router's job, a later
-milestone that plugs into :meth:`PolyBridgePipeline.resolve_languages`.
+With ``language=None`` the pipeline routes each prompt itself (:mod:`polybridge.router`): English spans
+(and whatever falls back to the backbone) go into the backbone's prompt, each native language's spans to its
+branch. Two native languages in one prompt run both branches on that row, each fed its own text, their
+residuals summed (as diffusers' MultiControlNet does). The negative prompt is routed the same way, so a
+branch that only the negative prompt names runs on that row with ``""`` as its positive text.
+``english_prompt`` is appended to the routed English text.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from polybridge.backbone import Backbone, load_backbone
 from polybridge.branches import Branch, get_branch_class
 from polybridge.encoders import NativeEncoder, load_encoder
 from polybridge.registry import LanguageEntry, Registry, RegistryError, load_registry
+from polybridge.router import RoutePlan, Router
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRAIN_HINT = "train it with `polybridge train --lang {code}`"
@@ -79,6 +86,19 @@ class PolyBridgePipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     languages: list[str]
+    plans: list[RoutePlan] | None = None  # with language=None: the router's plan of each image's prompt
+
+
+@dataclass
+class _Row:
+    """What one prompt row feeds each path: the backbone's text (and negative), and per branch (positive,
+    negative); ``label`` is the language reported for it (``zh``, ``en+zh``, ...)."""
+
+    label: str
+    backbone: str
+    backbone_negative: str
+    branches: dict[str, tuple[str, str]]
+    plan: RoutePlan | None = None
 
 
 @dataclass
@@ -113,6 +133,8 @@ class PolyBridgePipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.registry: Registry | None = None
+        self._base_router: Router | None = None  # given, or built from the registry on first use
+        self._router: Router | None = None  # the base router with this pipeline's loaded languages as targets
         self._languages: dict[str, LoadedLanguage] = {backbone_language: LoadedLanguage(backbone_language, "backbone")}
         for code in (encoders or {}):
             if branches is None or code not in branches:
@@ -183,9 +205,10 @@ class PolyBridgePipeline(DiffusionPipeline):
                                 valid=branch_cls.option_keys)
         encoder = load_encoder(entry, torch_dtype=torch_dtype)
         branch = branch_cls.from_unet(self.unet, encoder.hidden_size, encoder_name=entry.encoder.source, **spec.options)
+        effect = ("the image is the backbone's for the English prompt, \"\" by default" if branch.kind == "residual"
+                  else "the backbone reads an empty context")
         warnings.warn(f"{untrained}. It is UNTRAINED: it runs a zero-initialised branch, so its prompts have no "
-                      f"effect (the image is the backbone's for the English prompt, \"\" by default); "
-                      f"{TRAIN_HINT.format(code=code)}", stacklevel=3)
+                      f"effect ({effect}); {TRAIN_HINT.format(code=code)}", stacklevel=3)
         self.add_language(code, encoder, branch, scale=spec.scale, trained=False)
 
     def add_language(self, code: str, encoder: NativeEncoder | None = None, branch: Branch | None = None,
@@ -194,6 +217,7 @@ class PolyBridgePipeline(DiffusionPipeline):
         to the backbone's text encoder). The branch must have been built for this backbone."""
         if code == self.config.backbone_language:
             raise ValueError(f"{code!r} is the backbone's language; it needs no encoder or branch")
+        self._router = None  # targets change with the loaded languages
         if (encoder is None) != (branch is None):
             raise ValueError(f"language {code!r}: give both an encoder and a branch, or neither")
         for modules in (self.encoders, self.branches):
@@ -202,8 +226,9 @@ class PolyBridgePipeline(DiffusionPipeline):
         if encoder is None:
             self._languages[code] = LoadedLanguage(code, "backbone", float(scale), trained)
             return
-        if getattr(branch, "kind", "residual") != "residual":
-            raise NotImplementedError(f"language {code!r}: {branch.branch_type!r} branches are not run by this pipeline yet")
+        if getattr(branch, "kind", "residual") not in ("residual", "context"):
+            raise NotImplementedError(f"language {code!r}: {branch.branch_type!r} branches give a {branch.kind!r}, "
+                                      "which this pipeline does not run (it runs 'residual' and 'context' branches)")
         branch.check_backbone(self.unet, where=f"language {code!r} branch")
         if branch.encoder_hidden_size is not None and branch.encoder_hidden_size != encoder.hidden_size:
             raise ValueError(f"language {code!r}: the branch reads {branch.encoder_hidden_size}-wide token states, "
@@ -235,13 +260,71 @@ class PolyBridgePipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ routing
 
+    @property
+    def router(self) -> Router:
+        """The router for ``language=None``: the registry's (or the one set here), with this pipeline's loaded
+        languages as targets (a registered language that is not loaded is ``not-loaded``)."""
+        if self._router is None:
+            base = self._base_router
+            if base is None:
+                if self.registry is None:
+                    raise ValueError("language=None: routing needs a router, and this pipeline was built from "
+                                     "components without a registry; set pipe.router = polybridge.router.Router(...), "
+                                     "build it with PolyBridgePipeline.from_registry(), or pass language= one of "
+                                     f"{', '.join(self._languages)}")
+                base = self._base_router = Router.from_registry(self.registry)
+            routes = {code: self._languages[code].route if code in self._languages else "not-loaded"
+                      for code in base.languages}
+            untrained = [code for code, state in self._languages.items() if not state.trained]
+            self._router = base.with_routes(routes, untrained)
+        return self._router
+
+    @router.setter
+    def router(self, router: Router | None) -> None:
+        self._base_router = router
+        self._router = None
+
+    def route(self, prompts: str | list[str]) -> list[RoutePlan]:
+        """The router's plan of each prompt: spans, languages, confidences and where each span goes."""
+        return self.router.plan_many(_as_list(prompts, "prompt"))
+
     def resolve_languages(self, prompts: list[str], language: str | None) -> list[str]:
-        """The language of each prompt row. The router (a later milestone) plugs in here for ``language=None``."""
+        """The language of each prompt row: ``language``, or with ``language=None`` the router's label
+        (``zh``, ``en+zh``, ...)."""
         if language is None:
-            raise ValueError("language=None: choosing the language of a prompt is the router's job, which arrives in "
-                             f"a later milestone; pass language= one of {', '.join(self._languages)}")
+            return [plan.label for plan in self.route(prompts)]
         self._check_language(language)
         return [language] * len(prompts)
+
+    def _rows(self, prompts: list[str], negatives: list[str], englishes: list[str],
+              language: str | None) -> list[_Row]:
+        """What each prompt row feeds the backbone and each branch."""
+        if language is not None:  # one language for every row: the prompt goes to its branch, or to the backbone
+            rows = []
+            for code, text, neg, eng in zip(self.resolve_languages(prompts, language), prompts, negatives, englishes):
+                if self._languages[code].route == "backbone":
+                    if eng:
+                        raise ValueError(f"english_prompt is for prompts that run a branch; {code!r} prompts go to the "
+                                         "backbone's text encoder themselves, so pass the English text as the prompt")
+                    rows.append(_Row(code, text, neg, {}))
+                else:
+                    rows.append(_Row(code, eng, "", {code: (text, neg)}))
+            return rows
+        rows = []
+        for i, (plan, neg_plan, eng) in enumerate(zip(self.route(prompts), self.route(negatives), englishes)):
+            for what, p in (("prompt", plan), ("negative_prompt", neg_plan)):
+                for span in p.problems():
+                    loaded = ", ".join(self._languages)
+                    hint = (f"load it with PolyBridgePipeline.from_registry(languages=[..., {span.language!r}])"
+                            if span.target == "not-loaded" else "its fallback is 'error'")
+                    raise ValueError(f"{what} {i} ({p.prompt!r}): {span.text!r} is {span.language!r} "
+                                     f"({span.how}, confidence {span.confidence:.2f}), which this pipeline cannot run "
+                                     f"(loaded: {loaded}); {hint}, or pass language=")
+            backbone = ", ".join(t for t in (plan.backbone_text, eng) if t)
+            codes = dict.fromkeys([*plan.branch_texts, *neg_plan.branch_texts])
+            branches = {c: (plan.branch_texts.get(c, ""), neg_plan.branch_texts.get(c, "")) for c in codes}
+            rows.append(_Row(plan.label, backbone, neg_plan.backbone_text, branches, plan))
+        return rows
 
     def _check_language(self, code: str) -> None:
         if code in self._languages:
@@ -277,6 +360,8 @@ class PolyBridgePipeline(DiffusionPipeline):
         mid: torch.Tensor | None = None
         for item in inputs:
             branch = self.branches[item.code]
+            if branch.kind != "residual":
+                continue
             x = sample if item.covers_batch else sample.index_select(0, item.rows)
             d, m = branch(x.to(branch.dtype), t, item.states, conditioning_scale=item.scale, attention_mask=item.mask)
             d = [r.to(self.unet.dtype) for r in d]
@@ -291,6 +376,40 @@ class PolyBridgePipeline(DiffusionPipeline):
             down = [acc.index_add(0, item.rows, r) if not item.covers_batch else acc + r for acc, r in zip(down, d)]
             mid = mid.index_add(0, item.rows, m) if not item.covers_batch else mid + m
         return down, mid
+
+    def _contexts(self, embeds: torch.Tensor, inputs: list[_BranchRows],
+                  keep_backbone: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet's context with every ``context`` branch's output in place of the backbone's on its rows.
+
+        A row that a context branch (pea) covers reads that branch's context; when its English prompt is not
+        empty (``keep_backbone``) the backbone's states of it follow, and several context branches on one row
+        follow each other. Rows of different lengths are zero-padded and the padding masked out
+        (the returned ``encoder_attention_mask``; ``None`` when no row needs one)."""
+        items = [item for item in inputs if self.branches[item.code].kind == "context"]
+        if not items:
+            return embeds, None
+        pieces: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(embeds.shape[0])]
+        covered = [False] * embeds.shape[0]
+        for item in items:
+            branch = self.branches[item.code]
+            context = branch(item.states, attention_mask=item.mask, conditioning_scale=item.scale).to(embeds.dtype)
+            for j, row in enumerate(item.rows.tolist()):
+                pieces[row].append((context[j], None if item.mask is None else item.mask[j]))
+                covered[row] = True
+        for row in range(embeds.shape[0]):
+            if not covered[row] or keep_backbone[row]:
+                pieces[row].append((embeds[row], None))
+        lengths = [sum(t.shape[0] for t, _ in row) for row in pieces]
+        longest = max(lengths)
+        out = embeds.new_zeros((embeds.shape[0], longest, embeds.shape[-1]))
+        mask = torch.zeros((embeds.shape[0], longest), dtype=torch.long, device=embeds.device)
+        for row, row_pieces in enumerate(pieces):
+            at = 0
+            for tensor, piece_mask in row_pieces:
+                out[row, at:at + tensor.shape[0]] = tensor
+                mask[row, at:at + tensor.shape[0]] = 1 if piece_mask is None else piece_mask.to(mask.device)
+                at += tensor.shape[0]
+        return out, (None if bool(mask.all()) else mask)
 
     @torch.no_grad()
     def __call__(
@@ -309,11 +428,13 @@ class PolyBridgePipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> PolyBridgePipelineOutput | tuple:
-        """Generate images for ``prompt`` (one string or a list: one batch) written in ``language``.
+        """Generate images for ``prompt`` (one string or a list: one batch) written in ``language``; with
+        ``language=None`` the router decides for each prompt (and splits mixed prompts into spans).
 
-        ``negative_prompt`` is in the same language as the prompt; ``english_prompt`` is what the backbone's
-        text encoder reads alongside a native prompt (``""``: the branch alone carries the meaning; an English
-        text mixes its meaning in, as in BDM). ``branch_scale`` overrides the entry's ``branch.scale``.
+        ``negative_prompt`` is in the same language as the prompt (routed too with ``language=None``);
+        ``english_prompt`` is what the backbone's text encoder reads alongside a native prompt (``""``: the branch
+        alone carries the meaning; an English text mixes its meaning in, as in BDM; with ``language=None`` it is
+        appended to the routed English text). ``branch_scale`` overrides the entry's ``branch.scale``.
         """
         prompts = _as_list(prompt, "prompt")
         if not prompts:
@@ -337,11 +458,9 @@ class PolyBridgePipeline(DiffusionPipeline):
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
 
-        codes = self.resolve_languages(prompts, language)
         n = num_images_per_prompt
-        prompts, negatives, englishes, codes = ([x for x in seq for _ in range(n)]
-                                                for seq in (prompts, negatives, englishes, codes))
-        batch = len(prompts)
+        rows = [row for row in self._rows(prompts, negatives, englishes, language) for _ in range(n)]
+        batch = len(rows)
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"generator: {len(generator)} generators for {batch} images "
                              f"({batch // n} prompts x num_images_per_prompt {n}); give one per image or a single one")
@@ -349,42 +468,35 @@ class PolyBridgePipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
         device = self._execution_device
 
-        # The backbone's text: English rows and fallback rows read the prompt; branch rows read english_prompt.
-        backbone_pos, backbone_neg = [], []
-        for text, neg, eng, code in zip(prompts, negatives, englishes, codes):
-            if self._languages[code].route == "backbone":
-                if eng:
-                    raise ValueError(f"english_prompt is for prompts that run a branch; {code!r} prompts go to the "
-                                     "backbone's text encoder themselves, so pass the English text as the prompt")
-                backbone_pos.append(text)
-                backbone_neg.append(neg)
-            else:
-                backbone_pos.append(eng)
-                backbone_neg.append("")
+        # The backbone's text: English rows read the prompt; branch rows read their English part (english_prompt).
+        backbone_pos = [row.backbone for row in rows]
         embeds = self._encode_backbone(backbone_pos, device)
         if do_cfg:
-            embeds = torch.cat([self._encode_backbone(backbone_neg, device), embeds])
+            embeds = torch.cat([self._encode_backbone([row.backbone_negative for row in rows], device), embeds])
 
+        # Each branch runs on its rows only (a row with spans in two languages is in both), fed its own text.
         branch_rows: list[_BranchRows] = []
-        for code in dict.fromkeys(codes):
+        for code in dict.fromkeys(code for row in rows for code in row.branches):
             state = self._languages[code]
-            if state.route != "branch":
-                continue
-            rows = [i for i, c in enumerate(codes) if c == code]
-            texts = [prompts[i] for i in rows]
+            on = [i for i, row in enumerate(rows) if code in row.branches]
+            texts = [rows[i].branches[code][0] for i in on]
             if do_cfg:
-                texts = [negatives[i] for i in rows] + texts
-                rows = rows + [i + batch for i in rows]
+                texts = [rows[i].branches[code][1] for i in on] + texts
+                on = on + [i + batch for i in on]
             encoder, branch = self.encoders[code], self.branches[code]
             states, mask = encoder.encode_with_mask(texts)
             branch_rows.append(_BranchRows(
                 code=code,
-                rows=torch.tensor(rows, device=device),
+                rows=torch.tensor(on, device=device),
                 states=states.to(device=device, dtype=branch.dtype),
                 mask=None if mask is None else mask.to(device),
                 scale=float(state.scale if branch_scale is None else branch_scale),
-                covers_batch=len(rows) == batch * (2 if do_cfg else 1),
+                covers_batch=len(on) == batch * (2 if do_cfg else 1),
             ))
+
+        # Context branches (pea) replace the backbone's context on their rows, once for the whole loop.
+        keep_backbone = [bool(text) for text in backbone_pos] * (2 if do_cfg else 1)
+        embeds, context_mask = self._contexts(embeds, branch_rows, keep_backbone)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -403,7 +515,7 @@ class PolyBridgePipeline(DiffusionPipeline):
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 down, mid = self._residuals(model_input, t, branch_rows)
-                noise = self.unet(model_input, t, encoder_hidden_states=embeds,
+                noise = self.unet(model_input, t, encoder_hidden_states=embeds, encoder_attention_mask=context_mask,
                                   down_block_additional_residuals=down, mid_block_additional_residual=mid,
                                   return_dict=False)[0]
                 if do_cfg:
@@ -419,9 +531,11 @@ class PolyBridgePipeline(DiffusionPipeline):
             images = self.image_processor.postprocess(decoded, output_type=output_type,
                                                       do_denormalize=[True] * decoded.shape[0])
         self.maybe_free_model_hooks()
+        labels = [row.label for row in rows]
         if not return_dict:
-            return (images, codes)
-        return PolyBridgePipelineOutput(images=images, languages=codes)
+            return (images, labels)
+        return PolyBridgePipelineOutput(images=images, languages=labels,
+                                        plans=None if language is not None else [row.plan for row in rows])
 
 
 def _load_branch(source: Path | str, unet: Any, torch_dtype: torch.dtype | None) -> Branch:

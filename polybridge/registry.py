@@ -113,18 +113,31 @@ class EncoderSpec:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """Hyperparameters the common trainer reads; command-line flags override them."""
+    """Hyperparameters the common trainer reads; command-line flags override them.
+
+    ``batch_size`` is the *global* batch of one optimizer step (all processes and accumulation steps
+    together), so an entry means the same run on one CPU, one GPU or eight. Loss weights: ``denoise_weight``
+    (MSE to the noise), and for branch types that distil (pea) ``distill_output_weight`` (MSE to the
+    backbone's noise prediction for the English parallel caption) and ``distill_weight`` (sum over the
+    UNet's down, mid and up blocks of the MSE of their hidden states).
+    """
 
     learning_rate: float = 1e-4
     batch_size: int = 64
     max_steps: int = 2000
     warmup_steps: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
     caption_dropout: float = 0.1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     ema: bool = False
+    ema_decay: float = 0.999
     checkpoint_every: int = 500
+    denoise_weight: float = 1.0
+    distill_output_weight: float = 1.0
     distill_weight: float = 0.1
     seed: int = 0
 
@@ -162,12 +175,18 @@ class SyntheticSpec:
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """Benchmark prompts: files of curated prompts plus a sample of the synthetic test split."""
+    """Benchmark prompts: files of curated prompts plus a sample of the synthetic test split.
+
+    ``clip_model`` scores the curated prompts (no ground truth): a CLIP-style model (hub id or local path,
+    loaded with transformers ``AutoModel`` / ``AutoProcessor``, or a world-CLIP folder); ``null``: the curated
+    suite is skipped. The synthetic suites are scored with the ground-truth scorer and the world CLIP.
+    """
 
     prompt_sets: tuple[str, ...] = ()
     synthetic_split: Literal["train", "validation", "test"] = "test"
     synthetic_prompts: int = 200
     seed: int = 0
+    clip_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -496,6 +515,12 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
                 raise RegistryError(file, f"branch.training.{name}", f"must be positive, got {getattr(tr, name)}")
         if not 0.0 <= tr.caption_dropout < 1.0:
             raise RegistryError(file, "branch.training.caption_dropout", f"must be in [0, 1), got {tr.caption_dropout}")
+        if not 0.0 < tr.ema_decay < 1.0:
+            raise RegistryError(file, "branch.training.ema_decay", f"must be in (0, 1), got {tr.ema_decay}")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "denoise_weight", "distill_output_weight",
+                     "distill_weight"):
+            if getattr(tr, name) < 0:
+                raise RegistryError(file, f"branch.training.{name}", f"must be 0 or more, got {getattr(tr, name)}")
     if entry.data is not None and entry.data.dataset != "synthetic":
         _check_source(entry.data.dataset, file, "data.dataset", must_exist=True)
     if entry.synthetic is not None:
@@ -506,6 +531,7 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
         raise RegistryError(file, "data.dataset", "'synthetic' data needs a 'synthetic:' section with a grammar")
     for i, prompt_file in enumerate(entry.benchmark.prompt_sets):
         _check_source(prompt_file, file, f"benchmark.prompt_sets[{i}]", must_exist=True)
+    _check_source(entry.benchmark.clip_model, file, "benchmark.clip_model", must_exist=False)
     if entry.benchmark.synthetic_prompts < 1:
         raise RegistryError(file, "benchmark.synthetic_prompts", f"must be at least 1, got {entry.benchmark.synthetic_prompts}")
 

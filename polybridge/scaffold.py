@@ -122,3 +122,28 @@ def add_language(registry: Registry, code: str, *, name: str, native_name: str |
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
+
+
+def copy_registry(source: str | Path, dest: str | Path, artifacts: bool | Sequence[str] = False) -> Path:
+    """Copy ``registry.yaml`` and every ``languages/<code>/`` (entries, grammars and other files) from the
+    registry folder ``source`` into ``dest``; built artifacts (subfolders: encoder, tokenizer, branch, ...) too
+    with ``artifacts=True``, or only for the codes listed. Returns the new ``registry.yaml`` (a writable
+    copy to experiment on: tests, benchmarks). The curated benchmark prompt files that entries name
+    (``benchmarks/prompts/``) come along, so the copy validates."""
+    source, dest = Path(source), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source / "registry.yaml", dest / "registry.yaml")
+    if (source / "benchmarks" / "prompts").is_dir():
+        shutil.copytree(source / "benchmarks" / "prompts", dest / "benchmarks" / "prompts", dirs_exist_ok=True)
+    for folder in sorted((source / "languages").iterdir()):
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        target = dest / "languages" / folder.name
+        target.mkdir(parents=True)
+        with_folders = artifacts if isinstance(artifacts, bool) else folder.name in artifacts
+        for item in folder.iterdir():
+            if item.is_file():
+                shutil.copy(item, target / item.name)
+            elif with_folders:
+                shutil.copytree(item, target / item.name)
+    return dest / "registry.yaml"

@@ -16,19 +16,28 @@ torch.set_num_threads(1)
 
 def copy_registry(dest: Path, with_artifacts: bool = False) -> Path:
     """Copy registry.yaml and every languages/<code>/ (entries and grammars; built artifacts on request)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "registry.yaml", dest / "registry.yaml")
-    for folder in sorted((REPO / "languages").iterdir()):
-        if not folder.is_dir() or folder.name.startswith("."):
-            continue
-        target = dest / "languages" / folder.name
-        target.mkdir(parents=True)
-        for item in folder.iterdir():
-            if item.is_file():
-                shutil.copy(item, target / item.name)
-            elif with_artifacts:
-                shutil.copytree(item, target / item.name)
-    return dest / "registry.yaml"
+    from polybridge.scaffold import copy_registry as copy
+
+    return copy(REPO, dest, artifacts=with_artifacts)
+
+
+def registry_with_tiny_backbone(dest: Path) -> Path:
+    """A copy of the real registry (entries, grammars, tokenizers, native encoders) whose default backbone is
+    the tiny random one of ``tiny_components`` (16x16 images), saved in diffusers format at ``dest/model``."""
+    from diffusers import StableDiffusionPipeline
+
+    from tiny_components import get_dummy_components
+
+    registry = copy_registry(dest, with_artifacts=True)
+    for folder in (dest / "languages").glob("*/*"):
+        if folder.is_dir() and folder.name not in ("encoder", "tokenizer"):
+            shutil.rmtree(folder)  # trained branches belong to the real backbone, not to this one
+    StableDiffusionPipeline(**get_dummy_components(), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(dest / "model")
+    text = registry.read_text(encoding="utf-8")
+    assert "source: ./polybridge/assets/polybridge-tiny" in text
+    registry.write_text(text.replace("source: ./polybridge/assets/polybridge-tiny", "source: ./model"), encoding="utf-8")
+    return registry
 
 
 @pytest.fixture

@@ -55,7 +55,6 @@ def test_branch_types_registry():
         get_branch_class("bdn")
 
 
-@pytest.mark.xfail(strict=True, reason="pea arrives with the trainer milestone")
 def test_branch_types_cover_registry_types():
     assert set(branch_types()) == set(BRANCH_TYPES)
 

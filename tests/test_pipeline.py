@@ -15,6 +15,7 @@ from polybridge.branches import BDMBranch
 from polybridge.encoders import load_encoder
 from polybridge.pipeline import PolyBridgePipeline
 from polybridge.registry import RegistryError, load_registry
+from polybridge.router import Router
 from tiny_components import get_dummy_components, native_encoder, perturb_, write_registry
 
 STEPS = 2
@@ -115,14 +116,16 @@ def test_batch_equals_one_at_a_time(pipe):
     assert torch.allclose(batched, single, rtol=1e-4, atol=1e-5)
 
 
-def test_mixed_language_rows_share_one_batch(pipe, monkeypatch):
-    # The router (a later milestone) will give each row its own language through resolve_languages.
+def test_mixed_language_rows_share_one_batch(pipe):
+    # The router gives each row its own language (tests/test_router_pipeline.py has mixed prompts too).
     rows = ["ja", "en", "zh", "ja"]
     prompts = [JA, "a red gate", ZH, "青い鳥居"]
-    monkeypatch.setattr(pipe, "resolve_languages", lambda prompts, language: list(rows))
-    batched = pipe(prompts, num_inference_steps=STEPS, generator=[gen(s) for s in range(4)], output_type="latent")
+    pipe.router = Router({"en": ["Latin"], "zh": ["Han"], "ja": ["Hiragana", "Katakana", "Han"]})
+    try:
+        batched = pipe(prompts, num_inference_steps=STEPS, generator=[gen(s) for s in range(4)], output_type="latent")
+    finally:
+        pipe.router = None
     assert batched.languages == rows
-    monkeypatch.undo()
     single = torch.cat([pipe(p, language=c, num_inference_steps=STEPS, generator=gen(s), output_type="latent").images
                         for s, (p, c) in enumerate(zip(prompts, rows))])
     assert torch.allclose(batched.images, single, rtol=1e-4, atol=1e-5)
@@ -159,7 +162,7 @@ def test_bad_inputs(pipe):
         pipe(JA, language="ja", guidance_scale=-1.0)
     with pytest.raises(RegistryError, match=r"unknown language code 'xx'; valid: en, zh, ja"):
         pipe(JA, language="xx")
-    with pytest.raises(ValueError, match="language=None.*router.*later milestone"):
+    with pytest.raises(ValueError, match="language=None: routing needs a router.*without a registry"):
         pipe(JA)
     with pytest.raises(ValueError, match="negative_prompt: 1 entries for 2 prompts"):
         pipe([JA, JA], language="ja", negative_prompt=["x"])

@@ -14,8 +14,9 @@ import difflib
 
 from polybridge.branches.base import Branch, BranchError, BranchOutput
 from polybridge.branches.bdm import BDMBranch
+from polybridge.branches.pea import PEABranch
 
-__all__ = ["Branch", "BranchError", "BranchOutput", "BDMBranch", "register_branch", "get_branch_class", "branch_types"]
+__all__ = ["Branch", "BranchError", "BranchOutput", "BDMBranch", "PEABranch", "register_branch", "get_branch_class", "branch_types"]
 
 _BRANCH_CLASSES: dict[str, type[Branch]] = {}
 
@@ -48,3 +49,4 @@ def branch_types() -> tuple[str, ...]:
 
 
 register_branch("bdm", BDMBranch)
+register_branch("pea", PEABranch)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -65,9 +66,35 @@ class Branch(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ what it was built against
 
+    #: Whether training distils from the backbone fed the English parallel caption (needs an English column).
+    distills: ClassVar[bool] = False
+
     @classmethod
     def from_unet(cls, unet: Any, native_hidden_size: int, encoder_name: str = "", **options: Any) -> Branch:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+
+    def unet_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
+                    mask: torch.Tensor | None, backbone_context: torch.Tensor,
+                    call: Callable[..., Any] | None = None) -> dict[str, Any]:
+        """The backbone UNet's keyword arguments (besides sample and timestep) for native token ``states``.
+
+        ``backbone_context`` is the backbone text encoder's states for the English prompt (``""`` in training).
+        ``call`` runs the branch's forward (default: the branch itself; the trainer passes the wrapper that
+        accelerate / DDP put around it, so that gradients are synchronised)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def training_loss(unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor,
+                      student: Mapping[str, Any], teacher: Mapping[str, Any] | None,
+                      weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """The training loss: MSE between the UNet's prediction with the branch (``student``: its
+        :meth:`unet_inputs`) and ``target``. ``teacher`` (the UNet's inputs for the English parallel caption)
+        is used by branch types that distil (:attr:`distills`). Returns ``{"loss": ..., <parts>: ...}``."""
+        pred = unet(noisy, timesteps, **student, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        return {"loss": loss, "denoise": loss.detach()}
 
     def record(self, unet: Any, encoder_name: str, encoder_hidden_size: int) -> None:
         """Store what this branch is built against in its config (called by ``from_unet``)."""
@@ -78,6 +105,13 @@ class Branch(ModelMixin, ConfigMixin):
             encoder={"name": str(encoder_name), "hidden_size": int(encoder_hidden_size)},
             polybridge_version=polybridge.__version__,
         )
+
+    def placed_for(self, unet: Any, encoder_name: str, encoder_hidden_size: int) -> Branch:
+        """The end of every ``from_unet``: on the UNet's device and dtype, with :meth:`record` done."""
+        # nn.Module.to: ModelMixin.to warns about fp32 modules on every dtype cast, even when there are none.
+        torch.nn.Module.to(self, device=unet.device, dtype=unet.dtype)
+        self.record(unet, encoder_name, encoder_hidden_size)
+        return self
 
     @property
     def backbone_fingerprint(self) -> str | None:

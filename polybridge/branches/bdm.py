@@ -230,10 +230,15 @@ class BDMBranch(Branch, AttentionMixin):
             for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
                 fresh = _copy_matching(getattr(branch, name), getattr(unet, name))
                 branch.fresh_keys += [f"{name}.{k}" for k in fresh]
-        # nn.Module.to: ModelMixin.to warns about fp32 modules on every dtype cast, even when there are none.
-        nn.Module.to(branch, device=unet.device, dtype=unet.dtype)
-        branch.record(unet, encoder_name, native_hidden_size)
-        return branch
+        return branch.placed_for(unet, encoder_name, native_hidden_size)
+
+    def unet_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
+                    mask: torch.Tensor | None, backbone_context: torch.Tensor,
+                    call: Any = None) -> dict[str, Any]:
+        """The backbone reads ``backbone_context``; the branch's residuals go to its down and mid blocks."""
+        down, mid = (call or self)(sample, timestep, states, attention_mask=mask)
+        return {"encoder_hidden_states": backbone_context, "down_block_additional_residuals": tuple(down),
+                "mid_block_additional_residual": mid}
 
     def forward(
         self,

@@ -1,0 +1,685 @@
+"""The common trainer: any language's branch, from its registry entry, on one CPU or many GPUs.
+
+``polybridge train --lang zh`` (:func:`train_language`) reads everything from the entry: the native encoder, the
+branch type and its options, the data (``data:``) and the hyperparameters (``branch.training``); command-line flags
+override them (:class:`TrainOptions`). It writes the trained branch where ``branch.weights`` points, atomically,
+when training ends; until then the language folder is untouched.
+
+What a step costs: the backbone (UNet, VAE, text encoder) and the native encoder are frozen (``requires_grad``
+off, eval mode; a test checks that no gradient reaches them), so every example's latent, its native token states,
+the English parallel caption's backbone states (branch types that distil) and the backbone's ``""`` context are
+computed once (:mod:`polybridge.training.branch_data`, cached in the work folder) and a step runs only the branch
+and the frozen UNet. The backbone's prompt is ``""`` (BDM); caption dropout replaces the native caption, and the
+teacher's English caption, by ``""``, for classifier-free guidance.
+
+Processes: it runs as it is on one device, or under ``accelerate launch`` (DDP on N GPUs or N machines, DeepSpeed
+ZeRO-2; ``scripts/accelerate/``). ``batch_size`` is the global batch of one optimizer step; each process takes its
+own contiguous slice of every micro-batch, so ranks see disjoint shards and a run means the same whatever the
+number of processes. The data order is a pure function of (seed, step): example order is a seeded permutation per
+epoch, and each example's timestep, noise and caption dropout are drawn from a generator seeded by
+(seed, step, position in the global batch).
+
+Resume: every ``checkpoint_every`` steps the branch, its EMA, the optimizer and the LR schedule are written to
+``<work>/checkpoint`` atomically; ``--resume`` continues from there after a kill, with the same batches, and ends
+with the weights an uninterrupted run ends with. A non-finite loss stops the run before the optimizer steps, with
+a message naming the step and the last good checkpoint, which is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from polybridge.atomic import atomic_dir, atomic_write_text, check_writable_parent
+from polybridge.registry import LanguageEntry, Registry, RegistryError, TrainingSpec
+from polybridge.training.branch_data import (
+    EncodedExamples,
+    Examples,
+    cache_key,
+    chunk_counts,
+    encode_backbone_text,
+    encode_examples,
+    load_examples,
+    weights_digest,
+)
+from polybridge.training.checkpoint import STATE_FILE, checkpoint_step, load_checkpoint, save_checkpoint
+
+CHECKPOINT_DIR = "checkpoint"
+CACHE_DIR = "cache"
+CACHE_FILE = "cache.safetensors"
+INFO_FILE = "train_info.json"
+DATA_ORDER_DIR = "data_order"
+REPORT_TO = ("none", "tensorboard")
+
+#: TrainingSpec fields a command-line flag may override (TrainOptions has one field of the same name each).
+SPEC_FLAGS: tuple[str, ...] = ("max_steps", "batch_size", "learning_rate", "warmup_steps", "lr_schedule",
+                               "gradient_accumulation_steps", "caption_dropout", "mixed_precision",
+                               "gradient_checkpointing", "ema", "checkpoint_every", "seed")
+#: Spec fields that may change when a run is resumed (they do not change what is computed).
+_RESUMABLE_CHANGES = ("checkpoint_every", "mixed_precision", "gradient_checkpointing")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or cannot go on; the message says why and what is kept."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What the command line may say; ``None`` keeps the registry entry's value."""
+
+    max_steps: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
+    lr_schedule: str | None = None
+    gradient_accumulation_steps: int | None = None
+    caption_dropout: float | None = None
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool | None = None
+    ema: bool | None = None
+    checkpoint_every: int | None = None
+    seed: int | None = None
+    num_samples: int | None = None
+    branch_type: str | None = None
+    backbone: str | None = None
+    work_dir: Path | None = None
+    out_dir: Path | None = None
+    init_from: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    report_to: str = "none"
+    stop_at: int | None = None
+    progress: bool = True
+    log_data_order: bool = False
+    cache_batch: int = 256
+
+
+def resolve_spec(entry: LanguageEntry, options: TrainOptions) -> TrainingSpec:
+    """The entry's ``branch.training`` with the flags given applied, checked."""
+    assert entry.branch is not None
+    spec = entry.branch.training
+    changes = {k: getattr(options, k) for k in SPEC_FLAGS if getattr(options, k) is not None}
+    spec = dataclasses.replace(spec, **changes)
+    for name in ("learning_rate", "batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every"):
+        if getattr(spec, name) <= 0:
+            raise TrainingError(f"{name} must be positive, got {getattr(spec, name)}")
+    if spec.warmup_steps < 0:
+        raise TrainingError(f"warmup_steps must be 0 or more, got {spec.warmup_steps}")
+    if not 0.0 <= spec.caption_dropout < 1.0:
+        raise TrainingError(f"caption_dropout must be in [0, 1), got {spec.caption_dropout}")
+    if spec.mixed_precision not in ("no", "fp16", "bf16"):
+        raise TrainingError(f"mixed_precision {spec.mixed_precision!r} is not one of no, fp16, bf16")
+    if spec.lr_schedule not in ("constant", "cosine"):
+        raise TrainingError(f"lr_schedule {spec.lr_schedule!r} is not one of constant, cosine")
+    return spec
+
+
+def resolve_mixed_precision(requested: str, log: Callable[[str], None] = print) -> str:
+    """``requested`` if this device runs it natively: fp16 needs a GPU; bf16 a GPU or CPU with bf16 units."""
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    if requested == "fp16" and on_cpu:
+        log("mixed_precision fp16 needs a GPU; training in fp32 on this CPU")
+        return "no"
+    if requested == "bf16":
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported() if on_cpu else torch.cuda.is_bf16_supported()
+        if not native:
+            log(f"this {'CPU' if on_cpu else 'GPU'} has no bf16 units (bf16 would be emulated, slower); training in fp32")
+            return "no"
+    return requested
+
+
+def lr_lambda(spec: TrainingSpec) -> Callable[[int], float]:
+    """Linear warmup over ``warmup_steps``, then constant or a cosine to zero at ``max_steps``."""
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else 1.0
+        if spec.lr_schedule == "constant":
+            return warm
+        progress = min(step, spec.max_steps) / spec.max_steps
+        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# --------------------------------------------------------------------------- data order
+
+
+class DataOrder:
+    """Which example sits at each position of the global stream: a seeded permutation per epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            from polybridge.training.embedded import step_seed
+
+            gen = torch.Generator().manual_seed(step_seed(self.seed, "branch-epoch", epoch))
+            self._perms = {epoch: torch.randperm(self.n, generator=gen)}  # epochs are visited in order
+        return self._perms[epoch]
+
+    def indices(self, step: int, batch_size: int, positions: range) -> list[int]:
+        out = []
+        for p in positions:
+            q = step * batch_size + p
+            out.append(int(self._perm(q // self.n)[q % self.n]))
+        return out
+
+
+def sample_draws(seed: int, step: int, positions: range, num_timesteps: int, dropout: float,
+                 latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Timesteps, noise and caption-dropout flags of the samples at ``positions`` of step ``step``'s global
+    batch: each from its own generator, so they do not depend on how the batch is split across processes."""
+    timesteps, noises, drops = [], [], []
+    for p in positions:
+        rng = random.Random(f"polybridge-branch:{seed}:{step}:{p}")
+        timesteps.append(rng.randrange(num_timesteps))
+        drops.append(rng.random() < dropout)
+        noises.append(torch.randn(latent_shape, generator=torch.Generator().manual_seed(rng.getrandbits(63))))
+    return torch.tensor(timesteps, dtype=torch.long), torch.stack(noises), drops
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Frozen:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    encoder: Any
+    noise_scheduler: Any
+
+
+def _make_accelerator(spec: TrainingSpec, options: TrainOptions, work: Path, log: Callable[[str], None]):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    # A fresh run state per language (``--all`` trains several in one process); the process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    if options.report_to not in REPORT_TO:
+        raise TrainingError(f"--report-to {options.report_to!r}: valid: {', '.join(REPORT_TO)}")
+    if options.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                raise TrainingError("--report-to tensorboard needs the tensorboard package "
+                                    "(pip install tensorboard), or use --report-to none") from None
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(spec.mixed_precision, log),
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        log_with=None if options.report_to == "none" else options.report_to,
+        project_config=ProjectConfiguration(project_dir=str(work), logging_dir=str(work / "logs")),
+    )
+    launched = int(os.environ.get("WORLD_SIZE") or 0)  # set by torchrun / accelerate launch / deepspeed
+    if launched > 1 and launched != accelerator.num_processes:
+        raise TrainingError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}, so "
+                            "every process would train on all the data; on CPUs launch with "
+                            "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ...`")
+    return accelerator
+
+
+def _load_frozen(registry: Registry, entry: LanguageEntry, backbone_name: str | None) -> tuple[Any, Any]:
+    from polybridge.backbone import load_backbone
+    from polybridge.encoders import load_encoder
+
+    bb = load_backbone(registry, backbone_name)
+    if bb.language == entry.code:
+        raise RegistryError(entry.file, "code", f"{entry.code!r} is the language of backbone {bb.name!r}; it has no branch")
+    encoder = load_encoder(entry)
+    encoder.requires_grad_(False).eval()
+    return bb, encoder
+
+
+def _build_branch(branch_cls: Any, entry: LanguageEntry, unet: Any, encoder: Any, options: dict,
+                  init_from: Path | None, seed: int) -> Any:
+    from polybridge.branches import Branch
+
+    assert entry.encoder is not None
+    if init_from is not None:
+        branch = Branch.from_pretrained(init_from, backbone_unet=unet)
+        if branch.branch_type != branch_cls.branch_type:
+            raise TrainingError(f"--init-from {init_from}: a {branch.branch_type!r} branch, but this run trains "
+                                f"{branch_cls.branch_type!r}")
+        if branch.encoder_hidden_size != encoder.hidden_size:
+            raise TrainingError(f"--init-from {init_from}: reads {branch.encoder_hidden_size}-wide states, but "
+                                f"encoder {entry.encoder.source!r} gives {encoder.hidden_size}")
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            branch = branch_cls.from_unet(unet, encoder.hidden_size, encoder_name=entry.encoder.source, **options)
+    torch.nn.Module.to(branch, dtype=torch.float32)
+    branch.requires_grad_(True)
+    branch.train()
+    return branch
+
+
+def _read_settings(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")).get("settings", {})
+
+
+def _settings_diff(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    diff = [k for k in keys if k != "training" and old.get(k) != new.get(k)]
+    old_t, new_t = old.get("training", {}), new.get("training", {})
+    diff += [f"training.{k}" for k in sorted(set(old_t) | set(new_t))
+             if k not in _RESUMABLE_CHANGES and old_t.get(k) != new_t.get(k)]
+    return diff
+
+
+def train_language(registry: Registry, code: str, options: TrainOptions = TrainOptions(), *,
+                   log: Callable[[str], None] = print,
+                   callback: Callable[[int, float, Any], None] | None = None) -> dict:
+    """Train language ``code``'s branch as its registry entry says (``options`` override); returns what
+    ``<work>/train_info.json`` records. ``callback(step, loss, run)`` runs after every step; ``run`` has
+    ``branch`` (unwrapped), ``ema`` and ``frozen`` (unet, vae, text_encoder, tokenizer, encoder)."""
+    from polybridge.branches import get_branch_class
+
+    entry = registry.language(code)
+    if entry.branch is None or entry.encoder is None:
+        raise RegistryError(entry.file, "branch", f"{code!r} is the backbone's language: it has no branch to train")
+    spec = resolve_spec(entry, options)
+    branch_type = options.branch_type or entry.branch.type
+    try:
+        branch_cls = get_branch_class(branch_type)
+    except ValueError as exc:
+        raise TrainingError(f"--branch-type: {exc}") from None
+    branch_options = dict(entry.branch.options) if branch_type == entry.branch.type else {}
+    unknown = sorted(set(branch_options) - set(branch_cls.option_keys))
+    if unknown:
+        raise RegistryError(entry.file, f"branch.options.{unknown[0]}", f"unknown option for a {branch_type} branch",
+                            valid=branch_cls.option_keys)
+    out = options.out_dir if options.out_dir is not None else entry.branch_source
+    if out is None:
+        raise RegistryError(entry.file, "branch.weights", "is null, so there is nowhere to write the branch; "
+                            "set it to ./branch (or pass --out DIR)")
+    if isinstance(out, str):
+        raise RegistryError(entry.file, "branch.weights", f"{out!r} is a hub id; training writes a local folder: "
+                            "set a local path (./branch) or pass --out DIR")
+    out = check_writable_parent(Path(out).resolve())
+    if out.exists() and any(out.iterdir()) and not (options.overwrite or options.resume):
+        raise TrainingError(f"{out} already holds a branch; pass --overwrite to replace it when training ends, "
+                            "or --out DIR")
+    work = Path(options.work_dir) if options.work_dir is not None else registry.root / "runs" / "train" / f"{code}-{branch_type}"
+    work = check_writable_parent(work.resolve() / CHECKPOINT_DIR).parent
+    ckpt = work / CHECKPOINT_DIR
+    if checkpoint_step(ckpt) is not None and not options.resume:
+        if not options.overwrite:
+            raise TrainingError(f"{ckpt} holds a checkpoint at step {checkpoint_step(ckpt)}: pass --resume to "
+                                "continue it, or --overwrite to start over")
+    if options.stop_at is not None and options.stop_at < 1:
+        raise TrainingError(f"--stop-at must be at least 1, got {options.stop_at}")
+
+    accelerator = _make_accelerator(spec, options, work, log)
+    processes = accelerator.num_processes
+    if spec.batch_size % (spec.gradient_accumulation_steps * processes):
+        raise TrainingError(f"batch_size {spec.batch_size} must be a multiple of gradient_accumulation_steps "
+                            f"{spec.gradient_accumulation_steps} x {processes} processes")
+    per_micro = spec.batch_size // spec.gradient_accumulation_steps  # one accumulation step, all processes
+    micro = per_micro // processes  # one accumulation step, this process
+    main = accelerator.is_main_process
+    say = log if main else (lambda _msg: None)
+    if options.overwrite and not options.resume and main and ckpt.exists():
+        shutil.rmtree(ckpt)
+    accelerator.wait_for_everyone()
+
+    bb, encoder = _load_frozen(registry, entry, options.backbone)
+    unet = bb.unet
+    backbone_digest = weights_digest(unet)  # before any cast: the same weights give the same digest at any precision
+    branch = _build_branch(branch_cls, entry, unet, encoder, branch_options, options.init_from, spec.seed)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (unet, bb.vae, bb.text_encoder, encoder.model):
+        torch.nn.Module.to(module, device=device, dtype=weight_dtype)  # ModelMixin.to warns on every cast
+    torch.nn.Module.to(branch, device=device)
+    from diffusers import DDPMScheduler
+
+    frozen = _Frozen(unet=unet, vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, encoder=encoder,
+                     noise_scheduler=DDPMScheduler.from_config(bb.scheduler.config))
+    if spec.gradient_checkpointing:
+        if getattr(branch, "_supports_gradient_checkpointing", False):
+            branch.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
+
+    vae_scale = 2 ** (len(bb.vae.config.block_out_channels) - 1)
+    sample_size = unet.config.sample_size
+    latent_side = sample_size if isinstance(sample_size, int) else sample_size[0]
+    image_size = latent_side * vae_scale
+    weights = {"denoise": spec.denoise_weight, "distill_output": spec.distill_output_weight,
+               "distill_features": spec.distill_weight}
+    distil = branch_cls.distills and (spec.distill_output_weight > 0 or spec.distill_weight > 0)
+    if distil and (entry.data is None or entry.data.english_column is None):
+        say(f"{code}: data.english_column is not set, so the {branch_type} branch trains with the denoising loss only")
+        distil = False
+    examples = load_examples(registry, entry, image_size=image_size, seed=spec.seed, num_samples=options.num_samples,
+                             need_english=distil)
+    settings = {
+        "language": code, "branch_type": branch_type, "branch_options": branch_options,
+        "backbone": bb.name, "backbone_fingerprint": bb.fingerprint, "backbone_weights": backbone_digest,
+        "encoder": entry.encoder.source, "data": examples.description, "init_from": str(options.init_from or ""),
+        "training": dataclasses.asdict(spec),
+    }
+    start = 0
+    if options.resume and checkpoint_step(ckpt) is not None:
+        changed = _settings_diff(_read_settings(ckpt), settings)
+        if changed:
+            raise TrainingError(f"{ckpt}: the checkpoint was made with other settings ({', '.join(changed)} differ); "
+                                "resume with the same ones, or pass --overwrite (without --resume) to start over")
+    elif options.resume:
+        say(f"{code}: no checkpoint in {ckpt}; starting from step 0")
+
+    encoded = _encodings(examples, frozen, accelerator, work, settings, spec, options, weight_dtype, say)
+
+    params = [p for p in branch.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+    ema = copy.deepcopy(branch).requires_grad_(False).eval() if spec.ema else None
+
+    _configure_deepspeed(accelerator, micro, spec)
+    model, optimizer = accelerator.prepare(branch, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    modules = {"branch": unwrapped, **({"ema": ema} if ema is not None else {})}
+    losses: list[list[float]] = []
+    if options.resume and checkpoint_step(ckpt) is not None:
+        state = _load_training_state(accelerator, ckpt, modules, optimizer, lr_scheduler)
+        start = int(state["step"])
+        losses = [list(x) for x in state.get("losses", [])]
+        say(f"{code}: resuming at step {start} from {ckpt}")
+    end = spec.max_steps if options.stop_at is None else min(options.stop_at, spec.max_steps)
+    if start > end:
+        raise TrainingError(f"{ckpt} is at step {start}, past --stop-at {end}")
+
+    if options.report_to != "none":
+        accelerator.init_trackers(f"polybridge-{code}-{branch_type}",
+                                  config={k: v for k, v in dataclasses.asdict(spec).items()})
+    order = DataOrder(examples.n, spec.seed)
+    rank = accelerator.process_index
+    seen: dict[int, list[int]] = {}
+    latent_shape = tuple(encoded.latents.shape[1:])
+    num_timesteps = frozen.noise_scheduler.config.num_train_timesteps
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, end), initial=start, total=spec.max_steps, desc=f"train {code} ({branch_type})",
+               dynamic_ncols=True, disable=not (options.progress and main))
+    started, window = time.time(), []
+    last_good = checkpoint_step(ckpt) if options.resume else None
+    model.train()
+    for step in bar:
+        t0 = time.perf_counter()
+        step_loss = 0.0
+        parts_sum: dict[str, float] = {}
+        for a in range(spec.gradient_accumulation_steps):
+            positions = range(a * per_micro + rank * micro, a * per_micro + (rank + 1) * micro)
+            indices = order.indices(step, spec.batch_size, positions)
+            if options.log_data_order:
+                seen.setdefault(step, []).extend(indices)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    parts = _step_loss(model, unwrapped, branch_cls, frozen, encoded, indices, positions, step, spec,
+                                       weights, distil, device, weight_dtype, num_timesteps, latent_shape)
+                loss = accelerator.reduce(parts["loss"].detach().float().reshape(1), "mean").item()
+                if not math.isfinite(loss):
+                    where = f"the last good checkpoint is {ckpt} (step {last_good})" if last_good else \
+                        "no checkpoint was written yet"
+                    raise TrainingError(f"{code}: the loss is {loss} at step {step} (learning rate "
+                                        f"{lr_scheduler.get_last_lr()[0]:.2e}); stopped before the optimizer step, "
+                                        f"{where}, and {out} is untouched; try a lower learning_rate or "
+                                        "mixed_precision no, then --resume")
+                accelerator.backward(parts["loss"])
+                if accelerator.sync_gradients and spec.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss / spec.gradient_accumulation_steps
+            for k, v in parts.items():
+                if k != "loss":
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / spec.gradient_accumulation_steps
+        lr_scheduler.step()
+        if ema is not None:
+            _ema_update(ema, unwrapped, spec.ema_decay, step)
+        losses.append([step + 1, round(step_loss, 6)])
+        window = (window + [time.perf_counter() - t0])[-20:]
+        rate = spec.batch_size * len(window) / sum(window)
+        bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{rate:.1f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
+        if options.report_to != "none":
+            accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate,
+                             **parts_sum}, step=step + 1)
+        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == end:
+            _save_training_state(accelerator, ckpt, modules, step + 1, optimizer, lr_scheduler,
+                                 {"settings": settings, "losses": losses})
+            last_good = step + 1
+        if callback is not None:
+            callback(step + 1, step_loss, SimpleNamespace(branch=unwrapped, ema=ema, frozen=frozen))
+
+    seconds = time.time() - started
+    final = ema if ema is not None else unwrapped
+    if options.log_data_order:
+        atomic_write_text(work / DATA_ORDER_DIR / f"rank{rank}.json", json.dumps(
+            {"rank": rank, "num_processes": processes, "weights": weights_digest(final),
+             "steps": {str(k): v for k, v in seen.items()}}))
+    accelerator.wait_for_everyone()
+    done = end - start
+    info = {
+        "language": code, "branch_type": branch_type, "out": str(out), "work": str(work),
+        "steps": end, "max_steps": spec.max_steps, "resumed_from": start or None,
+        "stopped_early": end < spec.max_steps, "processes": processes, "device": str(device),
+        "mixed_precision": accelerator.mixed_precision, "examples": examples.n,
+        "seconds": round(seconds, 1), "samples_per_s": round(spec.batch_size * done / seconds, 2) if done else None,
+        "final_loss": losses[-1][1] if losses else None, "ema": spec.ema, "settings": settings, "losses": losses,
+        "command": " ".join(sys.argv),
+    }
+    if main:
+        final.save_pretrained(out, overwrite=True)
+        atomic_write_text(work / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
+        say(f"{code}: wrote the {branch_type} branch to {out} (step {end}, loss {info['final_loss']}, "
+            f"{info['samples_per_s']} samples/s)")
+    accelerator.wait_for_everyone()
+    if options.report_to != "none":
+        accelerator.end_training()
+    return info
+
+
+def _is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _save_training_state(accelerator: Any, ckpt: Path, modules: dict[str, torch.nn.Module], step: int,
+                         optimizer: Any, lr_scheduler: Any, extra: dict) -> None:
+    """Write ``ckpt`` whole or not at all. Plain runs: the main process writes the weights (safetensors), the
+    optimizer and the schedule (:func:`save_checkpoint`). DeepSpeed: every rank writes its optimizer partition
+    (``accelerator.save_state``) into one temporary folder, which the main process then publishes."""
+    accelerator.wait_for_everyone()
+    if not _is_deepspeed(accelerator):
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt, modules, step, optimizer, lr_scheduler, extra=extra)
+        accelerator.wait_for_everyone()
+        return
+    from safetensors.torch import save_file
+
+    from polybridge.atomic import publish_dir
+
+    tmp = ckpt.parent / f".{ckpt.name}.tmp-step{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)  # left by a killed run
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "deepspeed"))
+    if accelerator.is_main_process:
+        for name, module in modules.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+                      str(tmp / f"{name}.safetensors"))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "lr_scheduler": lr_scheduler.state_dict(), **extra},
+                                                 default=str), encoding="utf-8")
+        publish_dir(tmp, ckpt)
+    accelerator.wait_for_everyone()
+
+
+def _load_training_state(accelerator: Any, ckpt: Path, modules: dict[str, torch.nn.Module], optimizer: Any,
+                         lr_scheduler: Any) -> dict:
+    if not _is_deepspeed(accelerator):
+        return load_checkpoint(ckpt, modules, optimizer, lr_scheduler)
+    from safetensors.torch import load_file
+
+    accelerator.load_state(str(ckpt / "deepspeed"))  # the branch and every rank's optimizer partition
+    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    for name, module in modules.items():
+        if name != "branch":
+            module.load_state_dict(load_file(str(ckpt / f"{name}.safetensors")))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    return state
+
+
+def _configure_deepspeed(accelerator: Any, micro: int, spec: TrainingSpec) -> None:
+    if not _is_deepspeed(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro
+    if spec.max_grad_norm > 0 and config.get("gradient_clipping") in (None, "auto"):
+        config["gradient_clipping"] = spec.max_grad_norm
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float, step: int) -> None:
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pl in zip(ema.parameters(), live.parameters()):
+        pe.lerp_(pl.detach().to(pe.dtype), 1 - d)
+
+
+def _step_loss(model: Any, unwrapped: Any, branch_cls: Any, frozen: _Frozen, encoded: EncodedExamples,
+               indices: list[int], positions: range, step: int, spec: TrainingSpec, weights: dict, distil: bool,
+               device: Any, weight_dtype: torch.dtype, num_timesteps: int,
+               latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    timesteps, noise, drops = sample_draws(spec.seed, step, positions, num_timesteps, spec.caption_dropout,
+                                           latent_shape)
+    idx = torch.tensor(indices, dtype=torch.long)
+    latents = encoded.latents[idx].to(device=device, dtype=torch.float32)
+    noise = noise.to(device)
+    timesteps = timesteps.to(device)
+    states = encoded.states[idx]  # advanced indexing copies
+    chunks = encoded.chunks[idx]
+    drop = torch.tensor(drops, dtype=torch.bool)
+    if drop.any():
+        n_chunks = states.shape[1] // encoded.chunk_length
+        states[drop] = encoded.empty_states.repeat(1, n_chunks, 1).to(states.dtype)
+        chunks[drop] = 1
+    most = int(chunks.max())
+    states = states[:, :most * encoded.chunk_length]
+    mask = None
+    if bool((chunks < most).any()):
+        mask = (torch.arange(most).repeat_interleave(encoded.chunk_length)[None, :] < chunks[:, None]).long().to(device)
+    sched = frozen.noise_scheduler
+    noisy = sched.add_noise(latents, noise, timesteps)
+    if sched.config.prediction_type == "epsilon":
+        target = noise
+    elif sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(latents, noise, timesteps)
+    else:
+        raise TrainingError(f"prediction_type {sched.config.prediction_type!r} of the backbone's scheduler is not "
+                            "supported; valid: epsilon, v_prediction")
+    branch_dtype = next(unwrapped.parameters()).dtype
+    context = encoded.empty_context.to(device=device, dtype=weight_dtype).expand(len(indices), -1, -1)
+    student = unwrapped.unet_inputs(noisy.to(branch_dtype), timesteps, states.to(device=device, dtype=branch_dtype),
+                                    mask, context, call=model)
+    # The branch trains in fp32; the frozen UNet reads what it gives in its own dtype (as diffusers' ControlNet script).
+    student = {k: (v.to(weight_dtype) if torch.is_tensor(v) and v.is_floating_point()
+                   else tuple(r.to(weight_dtype) for r in v) if isinstance(v, tuple) else v)
+               for k, v in student.items()}
+    teacher = None
+    if distil:
+        assert encoded.english is not None
+        eng = encoded.english[idx]
+        if drop.any():
+            eng[drop] = encoded.empty_context.to(eng.dtype)
+        teacher = {"encoder_hidden_states": eng.to(device=device, dtype=weight_dtype)}
+    return branch_cls.training_loss(frozen.unet, noisy.to(weight_dtype), timesteps, target, student, teacher, weights)
+
+
+def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path, settings: dict,
+               spec: TrainingSpec, options: TrainOptions, dtype: torch.dtype,
+               say: Callable[[str], None]) -> EncodedExamples:
+    """Every example's frozen encodings: read from ``<work>/cache`` when it was made from the same data and
+    weights, else computed (each process a shard, then gathered) and written there."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    english = examples.english is not None
+    key = cache_key({"data": settings["data"], "encoder": settings["encoder"],
+                     "encoder_weights": weights_digest(frozen.encoder.model), "vae": weights_digest(frozen.vae),
+                     "text_encoder": weights_digest(frozen.text_encoder) if english else None,
+                     "english": english, "dtype": str(dtype), "max_length": frozen.encoder.max_length,
+                     "hidden_layer": frozen.encoder.hidden_layer})
+    file = work / CACHE_DIR / CACHE_FILE
+    found = None
+    if file.is_file():
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                found = (fh.metadata() or {}).get("key")
+        except Exception:  # an unreadable cache is rebuilt
+            found = None
+    usable = found == key
+    if accelerator.num_processes > 1:  # one decision for all (a machine without the file makes everyone encode)
+        flag = torch.tensor([1 if usable else 0], device=accelerator.device)
+        usable = bool(accelerator.gather(flag).min().item())
+    if usable:
+        say(f"{settings['language']}: reading cached encodings from {file}")
+        return EncodedExamples.from_tensors(load_file(str(file)))
+    device, n = accelerator.device, examples.n
+    max_chunks = max(chunk_counts(frozen.encoder, examples.captions))
+    per = -(-n // accelerator.num_processes)
+    lo, hi = accelerator.process_index * per, min(n, (accelerator.process_index + 1) * per)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc=f"encode {settings['language']} (frozen, once)", dynamic_ncols=True,
+               disable=not (options.progress and accelerator.is_main_process))
+    shard = encode_examples(examples, range(lo, hi), vae=frozen.vae, encoder=frozen.encoder,
+                            tokenizer=frozen.tokenizer, text_encoder=frozen.text_encoder, max_chunks=max_chunks,
+                            english=english, device=device, dtype=dtype, batch_size=options.cache_batch,
+                            progress=lambda k: bar.update(k * accelerator.num_processes))
+    bar.close()
+    tensors = {k: _gather_rows(accelerator, v, per)[:n] for k, v in shard.items()} if accelerator.num_processes > 1 \
+        else shard
+    with torch.no_grad():
+        tensors["empty_states"] = frozen.encoder.encode([""]).to(dtype).cpu()
+        tensors["empty_context"] = encode_backbone_text(frozen.tokenizer, frozen.text_encoder, [""], device).to(dtype).cpu()
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if accelerator.is_local_main_process:
+        with atomic_dir(file.parent, overwrite=True) as tmp:
+            save_file(tensors, str(tmp / CACHE_FILE), metadata={"key": key})
+    accelerator.wait_for_everyone()
+    return EncodedExamples.from_tensors(tensors)
+
+
+def _gather_rows(accelerator: Any, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Every process's ``tensor`` (at most ``rows`` rows each), concatenated in rank order."""
+    padded = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype)
+    padded[:tensor.shape[0]] = tensor
+    return accelerator.gather(padded.to(accelerator.device)).cpu()
+
+
+def languages_to_train(registry: Registry) -> list[str]:
+    """``--all``: every language with a branch entry whose local weights do not exist yet."""
+    return [code for code, entry in registry.languages.items()
+            if entry.branch is not None and entry.status()["branch"] == "missing"]
