@@ -456,10 +456,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(languages=tuple(dict.fromkeys(langs)), methods=tuple(dict.fromkeys(methods)),
                              suites=tuple(dict.fromkeys(suites)), quick=args.quick, n=args.n,
                              curated_n=args.curated_n, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                             batch_size=args.batch_size, size=args.size, backbone=args.backbone, weights=weights)
-    if args.threads:
-        import torch
+                             batch_size=args.batch_size, size=args.size, backbone=args.backbone, weights=weights,
+                             device=args.device)
+    import torch
 
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise CommandError(f"--device: {args.device!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device: {args.device!r}, but this torch build sees no CUDA device; valid here: cpu")
+    if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
@@ -693,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a branch not named by the entry, e.g. zh:pea=runs/zh-pea")
     p.add_argument("--out", default=None, help="report folder (default: benchmarks/results, --quick: runs/bench-quick)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--device", default="cpu", help="torch device for generation, e.g. cuda (default cpu)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the table (every cell's metrics or reason) as JSON")
