@@ -26,11 +26,11 @@ Detection, in two stages
    language lingua rules out by a letter gets a floor of 0.01, not 0, so a loanword such as *café* cannot
    veto English) and a text scores the sum of its words' log-confidences. Lingua's n-grams live inside
    words, so this picks what lingua picks for the whole text (all 173 Latin-script prompts of the test set
-   alike) while a word seen before costs a dictionary look-up. The registry's ``fallback_language``
-   (English) gets prior odds of 2:1 against each other candidate: Latin text beside Japanese or Chinese is
-   nearly always English tags (``anime style`` is as French as it is English to an n-gram model). All the
-   Latin text of one prompt is read together (``in the street`` beside ``灯笼`` with the rest of the
-   prompt's English); its separator-bounded chunks keep one language unless changing pays (Viterbi over
+   alike) while a word seen before (or a seed word: Speed, below) costs a dictionary look-up. The registry's
+   ``fallback_language`` (English) gets prior odds of 2:1 against each other candidate: Latin text beside
+   Japanese or Chinese is nearly always English tags (``anime style`` is as French as it is English to an
+   n-gram model). All the Latin text of one prompt is read together (``in the street`` beside ``灯笼`` with
+   the rest of the prompt's English); its separator-bounded chunks keep one language unless changing pays (Viterbi over
    the chunks, a switch costs 4 nats), which splits ``ein roter Apfel auf dem Tisch, masterpiece, best
    quality`` into German and English and leaves ``Porträt einer Frau, weiches Licht`` whole.
 
@@ -40,9 +40,37 @@ time on a loaded 2-core machine): lingua in high-accuracy mode gets 99.4% right 
 +164 MB, 2.6 s to load; lingua's low-accuracy mode 93.6% at ~50 us, +16 MB; langid 97.1% at ~75 us,
 +149 MB, 6-7 s to load (it misses short prompts: *gato*, *chaton*, *sunset*, *mountain lake*). Short
 prompts are the common case, and lingua is the one that reads them; the per-word cache takes its cost
-to ~38 us a prompt once words repeat. (With the prior the router itself answers 97.7% before the
+to ~30 us a prompt once words repeat. (With the prior the router itself answers 97.7% before the
 threshold: the three one-word prompts it gives to English, *gato*, *chaton*, *requin*, are ones lingua
 is under 0.45 sure of, which the registry's threshold of 0.5 sends to English anyway.)
+
+Speed
+-----
+Lingua costs ~45 us for each word it has not scored before; the rest of routing ~20 us a prompt (CPU time,
+2-core machine). So:
+
+- **Seed words**: :data:`SEED_WORDS`, ~4,400 frequent words of en/es/fr/de prompts (function words,
+  subjects, colours, styles, tags; written by hand, no scores), are scored by lingua when it loads, once a
+  process (~0.15 s beside lingua's own 1.2-2.5 s). A new prompt's common words then cost a look-up. Their
+  scores are lingua's, so plans are the same with or without them (tested).
+- **Batches**: :meth:`Router.plan_many` (``polybridge route --file``, ``generate`` and the pipeline use it)
+  gives lingua the new words of all its prompts in one call, which lingua's Rust threads share out
+  (``compute_language_confidence_values_in_parallel``, from PARALLEL_MIN new words); the same plans.
+- **ASCII prompts** take a shortcut to the same plan: one regex for their separator-bounded chunks, words
+  straight from the cache. Plans are cached per prompt (least recently used goes, PLAN_CACHE_SIZE).
+
+``python benchmarks/perf/router.py`` (the test set's 368 prompts, CPU time, medians; a 2-core machine that
+runs a training job, so figures move with its load): **cold** (a fresh router, every prompt new; 0.32 lingua
+calls a prompt) ~17,000-26,000 prompts/s, one by one or batched: ~16,000-18,000 when the machine is busy (the
+code before these paths: ~7,400 then), ~23,000-27,000 when it is quieter (before: ~10,000-11,000). Without
+the seed words (1.67 calls a prompt) ~8,000-13,000; new prompts of known words ~36,000-57,000; repeated
+prompts 2-7 million; peak memory 180-210 MB, nearly all lingua's models. Batching buys nothing here (no free
+core for lingua's threads; the batch's word pass costs ~3 us a prompt); where cores are free it divides
+lingua's time. Cold figures depend on the words: on the benchmark prompt sets (540 culture-specific prompts,
+many names) 1.8 lingua calls a prompt remain (3.0 without the seed), ~6,600-9,900 prompts/s. Measured and
+left out: lingua's low-accuracy mode as a prefilter (to keep this set's accuracy it may answer only where it
+is 0.99 sure, 1 word in 5, so it adds ~20 us to the other 4), and skipping lingua for words with a letter
+only one of the languages writes (ß, ñ, è, ...: 6% of the set's words, which lingua already answers fast).
 
 Fallbacks
 ---------
@@ -65,12 +93,11 @@ short one (linear time). Nothing but a non-string argument raises.
 
 Spans and texts
 ---------------
-Each span covers its letters plus the neutral characters up to the next separator (``,`` ``;`` ``、``
-``，`` ``。`` ...); a separator-bounded piece with no letters (``8k`` in ``山水画, 8k, masterpiece``)
-joins a neighbouring span in the backbone's language if there is one, else the one before it. A plan
-whose spans all go to one place passes the prompt on unchanged; otherwise each target reads its spans
-joined (with ``", "`` where a separator stood between them, else a space).
-"""
+Each span covers its letters plus the neutral characters up to the next separator (``,`` ``;`` ``|`` ``、``
+``，`` ``。`` ``!`` ``?``, a period before a space ...); a separator-bounded piece with no letters (``8k`` in
+``山水画, 8k, masterpiece``) joins a neighbouring span in the backbone's language if there is one, else the one
+before it. A plan whose spans all go to one place passes the prompt on unchanged; otherwise each target
+reads its spans joined (with ``", "`` where a separator stood between them, else a space)."""
 
 from __future__ import annotations
 
@@ -79,7 +106,8 @@ import math
 import re
 import types
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -111,6 +139,8 @@ WORD_FLOOR = 1e-2
 #: Words longer than this are scored on their first characters (bounds the per-word cache).
 MAX_WORD = 40
 WORD_CACHE_SIZE = 200_000
+#: A batch with at least this many new words is scored by lingua's parallel call (else one call a word).
+PARALLEL_MIN = 16
 PLAN_CACHE_SIZE = 4096
 
 
@@ -125,13 +155,18 @@ _SCRIPTS: tuple[str, ...] = tuple(SCRIPT_RANGES)
 _OTHER = len(_SCRIPTS)  # letters of a script the table does not list
 _LATIN = _SCRIPTS.index("Latin")
 _ASCII_LETTERS_RE = re.compile("[A-Za-z]+")  # ASCII letters are Latin (SCRIPT_RANGES); a fast path
-_RUN_RE = re.compile("|".join(
+_ALL_SCRIPTS = "".join(_char_class(r) for r in SCRIPT_RANGES.values())
+# One alternative per script (group i+1: script i), then letters of no listed script; the lookahead (any of
+# them) lets the engine pass over spaces and punctuation without trying every alternative.
+_RUN_RE = re.compile(f"(?=[{_ALL_SCRIPTS}]|[^\\W\\d_])(?:" + "|".join(
     [f"(?P<s{i}>[{_char_class(SCRIPT_RANGES[name])}]+)" for i, name in enumerate(_SCRIPTS)]
-    + [f"(?P<s{_OTHER}>[^\\W\\d_{''.join(_char_class(r) for r in SCRIPT_RANGES.values())}]+)"]))
+    + [f"(?P<s{_OTHER}>[^\\W\\d_{_ALL_SCRIPTS}]+)"]) + ")")
 # Number tags (4k, 8K, 1080p, 85mm, 3D) and short capitals (CG, HDR, UI) carry no language: their letters
 # are masked before runs are found, so they stay with the text around them.
 _NUMBER_TAG_RE = re.compile(r"(?<![A-Za-z0-9])(?:\d+[A-Za-z]{1,2}|[A-Z]{2,3})(?![A-Za-z0-9])")
 _SEPARATOR_RE = re.compile(r"[,;|\n\r\t，、；。！？!?]|\.(?=\s|$)")
+# An ASCII text's chunks: from a letter to the last letter before a separator (_SEPARATOR_RE, ASCII part).
+_ASCII_CHUNK_RE = re.compile(r"[A-Za-z](?:(?:[^,;|\n\r\t!?.]|\.(?!\s))*[A-Za-z])?")
 _EDGE = " \t\n\r\f\v,;|，、；。！？!?.\u3000"
 _WORD_RE = re.compile(r"[^\W\d_]+")
 # C0 and C1 control characters (and DEL) read as spaces; one character for one, so offsets hold.
@@ -233,38 +268,76 @@ def _lingua_detector(codes: tuple[str, ...]) -> tuple[Any, dict[Any, int]]:
 
 
 class WordScorer:
-    """Log-confidences of words among ``codes``, from lingua, cached per word. Lingua loads on first use."""
+    """Log-confidences of words among ``codes``, from lingua, cached per word. Lingua loads on first use.
 
-    def __init__(self, codes: Sequence[str], cache_size: int = WORD_CACHE_SIZE):
+    ``seed``: words scored (by lingua, in one batch) when lingua loads, so that the frequent words of prompts
+    never cost a lingua call while routing; by default :data:`SEED_WORDS`; ``()`` for none. They are scored
+    once a process (like lingua's models, shared by all scorers) and stay cached when the cache is cleared (it
+    is, when it holds ``cache_size`` words beyond them)."""
+
+    def __init__(self, codes: Sequence[str], cache_size: int = WORD_CACHE_SIZE, seed: Iterable[str] | None = None):
         self.codes = tuple(codes)
         self.cache_size = cache_size
         self._cache: dict[str, tuple[float, ...]] = {}
+        self._seed_words = tuple(seed_words() if seed is None else seed)
+        self._seed: Mapping[str, tuple[float, ...]] = {}
         self._detector: Any = None
         self._index: dict[Any, int] | None = None
+        self.lingua_calls = 0  # words lingua has scored for this scorer (the seed words are scored once a process)
+
+    def _load(self) -> None:
+        self._detector, self._index = _lingua_detector(self.codes)
+        if self._detector is not None and self._seed_words:
+            self._seed = _seed_scores(self.codes, self._seed_words)
+            self._cache.update(self._seed)
 
     @property
     def known(self) -> tuple[str, ...]:
-        """The codes lingua can return (loads lingua's models)."""
+        """The codes lingua can return (loads lingua's models and scores the seed words)."""
         if self._index is None:
-            self._detector, self._index = _lingua_detector(self.codes)
+            self._load()
         return tuple(self.codes[i] for i in self._index.values())
 
+    def _store(self, word: str, confidences: Any) -> tuple[float, ...]:
+        floor = math.log(WORD_FLOOR)
+        values = [floor] * len(self.codes)
+        for cv in confidences:
+            values[self._index[cv.language]] = math.log(max(cv.value, WORD_FLOOR))
+        scores = tuple(values)
+        if len(self._cache) >= self.cache_size + len(self._seed):
+            self._cache.clear()
+            self._cache.update(self._seed)
+        self._cache[word] = scores
+        return scores
+
     def word(self, word: str) -> tuple[float, ...]:
+        """The log-confidences of one word (lowercase, NFC, at most MAX_WORD characters)."""
         scores = self._cache.get(word)
         if scores is not None:
             return scores
         if self._index is None:
-            self._detector, self._index = _lingua_detector(self.codes)
-        floor = math.log(WORD_FLOOR)
-        values = [floor] * len(self.codes)
-        if self._detector is not None:
-            for cv in self._detector.compute_language_confidence_values(word):
-                values[self._index[cv.language]] = math.log(max(cv.value, WORD_FLOOR))
-        scores = tuple(values)
-        if len(self._cache) >= self.cache_size:
-            self._cache.clear()
-        self._cache[word] = scores
-        return scores
+            self._load()
+        self.lingua_calls += 1
+        return self._store(word, self._detector.compute_language_confidence_values(word)
+                           if self._detector is not None else ())
+
+    def score(self, words: Iterable[str]) -> int:
+        """Score the ``words`` not cached yet and cache them: the same values as :meth:`word` one by one, but
+        PARALLEL_MIN new words or more go to lingua in one call, which its Rust threads share out. How many
+        were new."""
+        if self._index is None:
+            self._load()
+        new = sorted(set(words).difference(self._cache))
+        if not new or self._detector is None:
+            return 0
+        if len(new) < PARALLEL_MIN:
+            found = [self._detector.compute_language_confidence_values(w) for w in new]
+        else:
+            found = self._detector.compute_language_confidence_values_in_parallel(new)
+        self.lingua_calls += len(new)
+        for w, confidences in zip(new, found):
+            self._store(w, confidences)
+        return len(new)
 
     def text(self, text: str) -> list[float]:
         """The sum of the log-confidences of ``text``'s words (zeros for no words)."""
@@ -273,6 +346,14 @@ class WordScorer:
         cache = self._cache
         scores = [cache.get(w) or self.word(w[:MAX_WORD]) for w in _WORD_RE.findall(text.lower())]
         return list(map(sum, zip(*scores))) if scores else [0.0] * len(self.codes)
+
+
+@functools.lru_cache(maxsize=8)
+def _seed_scores(codes: tuple[str, ...], words: tuple[str, ...]) -> Mapping[str, tuple[float, ...]]:
+    """The log-confidences of the seed ``words`` among ``codes``: scored once a process, shared by all scorers."""
+    scorer = WordScorer(codes, cache_size=len(words) + 1, seed=())
+    scorer.score(words)
+    return types.MappingProxyType(dict(scorer._cache))
 
 
 # --------------------------------------------------------------------------- the router
@@ -325,7 +406,12 @@ class Router:
         self.scorer = scorer if scorer is not None else (WordScorer(tied) if tied else None)
         self._strategies: dict[frozenset[str], tuple[Any, ...]] = {}
         self._setups: dict[frozenset[str], tuple[list[int], list[float]] | None] = {}
-        self._plan_cached = functools.lru_cache(maxsize=cache_size)(self._plan) if cache_size else self._plan
+        self._ascii_setup: Any = None  # _plan_ascii: the detector setup of Latin text, False: not its case
+        self._plans: OrderedDict[str, RoutePlan] = OrderedDict()  # the plan cache (least recently used goes)
+        # Words the detector may read: letters of the scripts of the languages that tie (plan_many scores them first).
+        tied_scripts = sorted({s for c in tied for s in self.languages[c]})
+        self._tied_word_re = re.compile(f"[{''.join(_char_class(SCRIPT_RANGES[s]) for s in tied_scripts)}]+") \
+            if tied_scripts else None
 
     @classmethod
     def from_registry(cls, registry: Any, routes: Mapping[str, str] | None = None,
@@ -361,9 +447,37 @@ class Router:
         """The :class:`RoutePlan` of one prompt (cached per prompt)."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-        return self._plan_cached(prompt)
+        plans = self._plans
+        found = plans.get(prompt)
+        if found is not None:
+            try:
+                plans.move_to_end(prompt)
+            except KeyError:  # another thread dropped it meanwhile
+                pass
+            return found
+        found = self._plan(prompt)
+        if self.cache_size:
+            plans[prompt] = found
+            if len(plans) > self.cache_size:
+                plans.popitem(last=False)
+        return found
 
     def plan_many(self, prompts: Sequence[str]) -> list[RoutePlan]:
+        """The plans of several prompts, as :meth:`plan` gives them; faster for a batch of new prompts: the
+        new words of all of them go to lingua in one call, which spreads them over its threads."""
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        scorer = self.scorer
+        if scorer is not None and self._tied_word_re is not None:
+            new = [p for p in dict.fromkeys(prompts) if p not in self._plans]
+            if new:
+                text = _mask_number_tags("\n".join(new))
+                if not text.isascii():
+                    text = unicodedata.normalize("NFC", text)
+                words = set(self._tied_word_re.findall(text.lower()))
+                if words:
+                    scorer.score(w[:MAX_WORD] for w in words)
         return [self.plan(p) for p in prompts]
 
     def detect(self, text: str) -> tuple[str, float]:
@@ -401,6 +515,10 @@ class Router:
     def _plan(self, prompt: str) -> RoutePlan:
         clean = prompt.translate(_CONTROLS) if _CONTROL_RE.search(prompt) else prompt
         masked = _mask_number_tags(clean)
+        if masked.isascii():
+            fast = self._plan_ascii(prompt, clean, masked)
+            if fast is not None:
+                return fast
         groups = self._groups(masked)
         if not groups:
             core = clean.strip(_EDGE)
@@ -457,7 +575,7 @@ class Router:
         groups: list[tuple[list[tuple[int, int]], frozenset[str]]] = []
         claims_of = self._claims
         for m in _RUN_RE.finditer(text):
-            claims = claims_of[int(m.lastgroup[1:])]
+            claims = claims_of[m.lastindex - 1]
             if groups:
                 runs, last = groups[-1]
                 if not claims and not last:  # unknown scripts next to each other: one span
@@ -490,11 +608,10 @@ class Router:
         if setup is None:  # nothing to tell them apart: the first one, as a guess (confidence 0)
             code = next(c for c in self.languages if c in candidates)
             return [[[runs[0][0], runs[-1][1], code, 0.0, "detector", None]] for runs in groups]
-        allowed, prior = setup
         scorer = self.scorer
         chunks = []  # (group, start, end, scores): the separator-bounded pieces of every group, in order
         for gi, runs in enumerate(groups):
-            seps = [m.start() for m in _SEPARATOR_RE.finditer(text, runs[0][1], runs[-1][0])]
+            seps = [m.start() for m in _SEPARATOR_RE.finditer(text, runs[0][1], runs[-1][1])]
             first = last = runs[0]
             j = 0
             for run in runs[1:]:
@@ -505,17 +622,52 @@ class Router:
                         j += 1
                 last = run
             chunks.append((gi, first[0], last[1], scorer.text(text[first[0]:last[1]])))
+        return self._decide(chunks, setup, len(groups))
+
+    def _plan_ascii(self, prompt: str, clean: str, masked: str) -> RoutePlan | None:
+        """The common case, an ASCII prompt with letters whose Latin text goes to the detector: what
+        :meth:`_plan` would give, with its chunks read by one regex and the words scored straight from the
+        cache. None: not that case (the general path decides)."""
+        setup = self._ascii_setup
+        if setup is None:
+            strategy = self._strategy(self._claims[_LATIN])
+            setup = self._ascii_setup = (self._detector_setup(strategy[1]) or False) if strategy[0] == "detector" \
+                else False
+        if setup is False:
+            return None
+        bounds = [m.span() for m in _ASCII_CHUNK_RE.finditer(masked)]
+        if not bounds:
+            return None
+        lower = masked.lower()
+        scorer = self.scorer
+        cache, word, find = scorer._cache, scorer.word, _ASCII_LETTERS_RE.findall
+        chunks = []
+        for start, end in bounds:
+            scores = [cache.get(w) or word(w[:MAX_WORD]) for w in find(lower, start, end)]
+            chunks.append((0, start, end, list(map(sum, zip(*scores)))))
+        (spans,) = self._decide(chunks, setup, 1)
+        for s in spans:
+            if s[3] < self.threshold:
+                s[2], s[4], s[5] = self.fallback_language, "fallback:unsure", s[2]
+        return self._finish(prompt, clean, spans)
+
+    def _decide(self, chunks: list[tuple[int, int, int, list[float]]], setup: tuple[list[int], list[float]],
+                ngroups: int) -> list[list[list[Any]]]:
+        """The detector's spans from scored chunks ``(group, start, end, scores)``: one list per group."""
+        allowed, prior = setup
+        codes = self.scorer.codes
         if len(chunks) == 1:
             scores = chunks[0][3]
             posterior = [scores[i] + p for i, p in zip(allowed, prior)]
-            k = max(range(len(allowed)), key=posterior.__getitem__)
-            z = sum(math.exp(v - posterior[k]) for v in posterior)
-            return [[[chunks[0][1], chunks[0][2], scorer.codes[allowed[k]], 1.0 / z, "detector", None]]]
+            top = max(posterior)
+            k = posterior.index(top)
+            z = sum([math.exp(v - top) for v in posterior])
+            return [[[chunks[0][1], chunks[0][2], codes[allowed[k]], 1.0 / z, "detector", None]]]
         # Viterbi over chunks: a chunk keeps the language of the one before it unless switching pays
         # SWITCH_PENALTY nats; the prompt's Latin text is one language unless a run of chunks clearly is not.
         path = _viterbi([[c[3][i] for i in allowed] for c in chunks], prior)
         # Runs of chunks in one language become spans (never across groups); confidence: that run's posterior.
-        out: list[list[list[Any]]] = [[] for _ in groups]
+        out: list[list[list[Any]]] = [[] for _ in range(ngroups)]
         merged: list[list[Any]] = []  # [group, start, end, k, summed scores]
         for (gi, start, end, scores), k in zip(chunks, path):
             if merged and merged[-1][0] == gi and merged[-1][3] == k:
@@ -526,11 +678,26 @@ class Router:
         for gi, start, end, k, scores in merged:
             posterior = [scores[i] + p for i, p in zip(allowed, prior)]
             z = sum(math.exp(v - posterior[k]) for v in posterior)
-            out[gi].append([start, end, scorer.codes[allowed[k]], 1.0 / z, "detector", None])
+            out[gi].append([start, end, codes[allowed[k]], 1.0 / z, "detector", None])
         return out
 
     def _finish(self, prompt: str, clean: str, raw: list[list[Any]]) -> RoutePlan:
         """Extend span cores over their neutral neighbours, merge neighbours of one language, build the plan."""
+        if len(raw) == 1:  # one span (most prompts): every letterless piece is its own
+            s = raw[0]
+            core = clean.strip(_EDGE)
+            start = len(clean) - len(clean.lstrip(_EDGE))
+            code = s[2]
+            target = self.routes[code]
+            span = Span(core, start, start + len(core), code, float(s[3]), s[4], target, s[5],
+                        code not in self.untrained)
+            if target == "backbone":
+                backbone, branches = clean, {}
+            elif target == "branch":
+                backbone, branches = "", {code: clean}
+            else:
+                backbone, branches = _texts(clean, [span])
+            return RoutePlan(prompt, (span,), self.backbone_language, backbone, types.MappingProxyType(branches))
         merged: list[list[Any]] = []
         for s in raw:
             if merged and merged[-1][2] == s[2] and merged[-1][4] == s[4]:
@@ -700,3 +867,310 @@ def format_scores(scores: Mapping[str, Any]) -> str:
                      f"{cell['total']:5d} {cell['accuracy']:9.1%}")
     lines += [f"  miss: {m['prompt']!r}: expected {m['expected']}, got {m['got']}" for m in scores["misses"]]
     return "\n".join(lines)
+
+# --------------------------------------------------------------------------- seed words
+
+#: Frequent words of image prompts, scored by lingua in one batch when it loads (:class:`WordScorer`), so that
+#: routing new prompts rarely waits for lingua (~45 us a new word). Only the words are listed here, never their
+#: scores: those are lingua's. Written by hand from general frequency (function words, common subjects,
+#: colours, styles and prompt tags), not taken from the router's test set; a word missing here costs one lingua
+#: call the first time, nothing more. By language only for the reader: every word is scored among all of them.
+SEED_WORDS: Mapping[str, str] = types.MappingProxyType({
+    "en": """
+a an the of in on at to for with without from by and or but not no nor is are was were be been being am this
+that these those it its it's he she they them his her their hers my your our we you i me us him there here where
+when while who whom whose which what how why as like than then so too also only just very more most less least
+some any all each every both either neither one two three four five six seven eight nine ten first second third
+many few much several other another such same own new old over under above below behind between near into onto
+out up down through across around against along inside outside beside before after during until since about off
+upon within toward towards among beneath next far away back front top bottom left right middle center side full
+half masterpiece best quality high highly detailed detail details ultra extremely intricate realistic
+photorealistic hyperrealistic hyper realism photo photograph photography photographic portrait landscape
+illustration painting painted drawing drawn sketch art artwork artistic digital concept render rendered
+rendering unreal engine octane blender cinematic lighting light lights lit soft hard dramatic volumetric rim
+ambient natural studio golden hour sunset sunrise night day morning evening dusk dawn twilight noon background
+foreground white black dark bright colorful vibrant pastel warm cold cool moody atmospheric atmosphere foggy fog
+mist misty rain rainy snow snowy winter summer spring autumn fall sky clouds cloud cloudy sun sunny sunlight
+moonlight moon stars star starry ocean sea beach coast shore wave waves lake river stream waterfall mountain
+mountains hill hills valley forest woods jungle tree trees leaf leaves flower flowers rose roses garden field
+fields meadow grass desert sand island cave rock rocks stone city street streets road path bridge building
+buildings house home cottage cabin castle palace tower temple church cathedral shrine village town skyline alley
+market shop cafe restaurant bar station harbor harbour port park square cyberpunk steampunk fantasy sci fi scifi
+futuristic medieval ancient modern vintage retro classic gothic baroque renaissance victorian anime manga
+cartoon comic style styled stylized trending artstation deviantart pixiv behance unsplash featured award winning
+epic magical mystical dreamy surreal whimsical ethereal cozy cosy peaceful serene calm quiet lonely mysterious
+creepy horror scary cute kawaii chibi pixel isometric lowpoly poly voxel minimalist minimal minimalism simple
+elegant abstract geometric pattern texture textures seamless tileable wallpaper poster cover album logo icon
+sticker tattoo character design sheet reference turnaround pose dynamic action scene composition centered
+symmetrical symmetry rule thirds perspective closeup close shot view wide angle lens macro telephoto fisheye
+aerial drone bird's eye level low depth focus focused bokeh blur blurry blurred sharp sharpness clear clean
+crisp smooth grainy grain film noise analog polaroid kodak portra fujifilm cinestill canon nikon sony leica dslr
+mirrorless camera photographer hdr uhd hd resolution highres absurdres oil watercolor watercolour acrylic
+gouache ink pencil charcoal crayon chalk pen ukiyo woodblock print engraving etching lithograph fresco mural
+mosaic stained sculpture statue marble bronze clay origami paper papercut collage photobash matte impressionism
+impressionist expressionism cubism surrealism pop hyperrealism photorealism nouveau deco bauhaus cat cats kitten
+dog dogs puppy bird birds horse horses fox wolf bear lion tiger dragon dragons fish owl rabbit bunny deer animal
+animals butterfly bee spider snake frog turtle whale dolphin shark octopus elephant monkey panda penguin eagle
+crow raven swan duck chicken cow sheep pig mouse unicorn phoenix creature monster beast robot robots android
+cyborg mecha mech alien astronaut knight warrior samurai ninja wizard witch mage elf dwarf fairy angel demon
+vampire zombie ghost princess queen king prince soldier pirate viking cowboy detective scientist doctor chef
+student teacher girl girls boy boys woman women man men people person child children kid kids baby young elderly
+lady gentleman couple family friends crowd beautiful pretty handsome gorgeous stunning lovely smiling smile
+smiles happy sad angry serious laughing crying looking viewer staring long short curly straight hair haired eyes
+face faces lips skin hand hands arms legs body head wearing dress dresses shirt jacket coat hat hoodie suit
+uniform kimono armor armour cloak cape robe skirt jeans boots shoes glasses sunglasses scarf gloves jewelry
+necklace earrings crown mask red blue green yellow orange purple violet pink brown gray grey gold silver teal
+cyan magenta turquoise beige cream crimson scarlet navy emerald amber ivory monochrome monochromatic sepia neon
+glowing glow shiny metallic transparent translucent iridescent holographic wooden wood glass metal steel iron
+plastic leather silk velvet fur feathers crystal crystals ice fire flames smoke water wind storm thunder
+lightning shadow shadows reflection reflections small big large little tiny huge giant massive tall thin fat
+round flat deep narrow heavy sitting standing walking running flying floating swimming dancing fighting holding
+reading sleeping eating drinking playing jumping riding lying leaning kneeling posing falling burning melting
+table chair window door room bedroom living kitchen bathroom library office interior exterior architecture
+furniture sofa couch bed lamp candle candles book books mirror clock vase food coffee tea cup mug bowl plate
+fruit fruits apple apples bread cake pizza burger sushi ramen noodles soup salad dessert chocolate wine beer
+bottle car cars truck bus train trains ship ships boat boats plane airplane bicycle bike motorcycle rocket
+spaceship spacecraft space planet planets galaxy nebula universe cosmic earth world map sword shield gun weapon
+bow arrow staff christmas halloween birthday wedding party festival holiday lantern lanterns fireworks umbrella
+flag balloon balloons gift featuring inspired vector shading cel shaded toon image picture scenery vista
+panorama horizon silhouette figure subject object objects frame framed border still movie trailer screenshot
+game video environment environments levels scenes seascape cityscape nightscape architectural skyscraper
+skyscrapers towers lighthouse windmill farm barn fence gate wall walls roof stairs staircase hallway corridor
+balcony terrace porch courtyard fountain pond pool canal dock pier lagoon bay cliff cliffs canyon volcano
+glacier iceberg peak peaks summit ridge slope plains prairie savanna tundra swamp marsh reef coral seaweed shell
+shells pebbles skies cloudscape rainbow aurora borealis eclipse comet meteor thunderstorm tornado hurricane
+blizzard sunbeam sunbeams rays haze smog dust petals petal blossom blossoms bloom blooming cherry sakura lotus
+tulip tulips sunflower sunflowers daisy lily orchid lavender ivy vines moss fern ferns mushroom mushrooms cactus
+palm pine oak maple birch willow bamboo branches branch roots trunk bush bushes hedge lawn harvest wheat corn
+vineyard orchard puppies kittens wolves foxes bears lions tigers eagles owls hawk falcon parrot peacock flamingo
+hummingbird sparrow pigeon seagull goose geese hen rooster lamb goat donkey camel giraffe zebra rhino hippo
+kangaroo koala sloth squirrel hedgehog raccoon otter beaver bat bats lizard crocodile dinosaur jellyfish crab
+lobster starfish seahorse ant ants beetle dragonfly moth ladybug snail worm insects insect pet pets wildlife
+selfie headshot profile grinning frowning thoughtful pensive melancholic joyful cheerful tired sleepy curious
+surprised scared brave proud graceful freckles beard mustache wrinkles tattoos piercings makeup lipstick blonde
+brunette redhead ginger bald ponytail braid braids bun bangs fringe wavy messy shoulder length hairstyle tan
+pale skinned muscular slim athletic chubby aged teenage teenager adult grandmother grandfather mother father
+daughter son sister brother bride groom nurse farmer fisherman sailor monk nun priest shaman geisha maid butler
+worker workers businessman musician painter artist dancer ballerina singer guitarist pianist athlete runner
+surfer skier climber hiker traveler tourist explorer adventurer hunter archer assassin thief rogue paladin
+cleric necromancer sorcerer goddess god hero heroine villain superhero mermaid centaur golem troll orc goblin
+gnome werewolf skeleton lich titan sweater cardigan blouse vest tie bowtie overalls apron pajamas bikini
+swimsuit raincoat trench poncho shawl veil turban helmet beanie cap hood hooded gown tuxedo corset kilt sari
+sandals sneakers heels slippers backpack bag purse cane wand scroll compass torch candlelight fireplace campfire
+bonfire stove oven kettle teapot teacup spoon fork knife chopsticks basket jar barrel crate box boxes chest
+treasure coins gem gems jewel jewels ring rings pearl pearls diamond ruby sapphire ornament ornaments
+decorations garland wreath ribbon bell bells toy toys doll teddy kite breakfast lunch dinner meal feast picnic
+bakery pastry croissant cookies cookie pie tart muffin donut pancakes waffles honey jam butter cheese egg eggs
+bacon steak rice dumplings curry tacos burrito sandwich fries popcorn candy lollipop icecream smoothie juice
+lemonade milk cocktail whiskey champagne berries strawberry strawberries cherries grapes lemon lemons banana
+peach pear watermelon pineapple mango coconut tomato tomatoes carrot vegetables pumpkin pumpkins potato onion
+garlic pepper spices herbs scooter tram subway metro taxi van jeep tractor helicopter airship sailboat yacht
+canoe kayak submarine rocketship satellite ufo guitar piano violin drum drums flute trumpet microphone
+headphones radio television computer laptop phone smartphone screen monitor keyboard tripod afternoon midnight
+daylight nighttime daytime sunlit moonlit candlelit backlit backlight backlighting sidelight spotlight
+spotlights streetlights streetlight lamplight firelight shimmering sparkling sparkles glitter dusty rusty
+weathered worn broken abandoned ruined ruins overgrown hidden secret forgotten lost empty crowded busy bustling
+silent frozen wet dry hot windy stormy gloomy bleak vivid saturated desaturated muted faded contrast key
+exposure motion tilt shift symmetric asymmetric diagonal leading lines negative minimalistic detailing linework
+lineart outline gradient highlights midtones grading graded color colour colored coloured tones tone toned
+palette hue raytracing ray tracing global illumination subsurface scattering physically based pbr hyperdetailed
+intricately finely delicate ornate decorative luxurious rustic industrial urban rural suburban tropical arctic
+alpine nordic scandinavian japanese chinese korean indian french spanish german italian russian arabic african
+american european asian mediterranean celtic egyptian greek roman aztec mayan oriental western eastern northern
+southern traditional contemporary classical folk tribal ethnic cultural historic historical mythological
+mythology legend legendary fairytale storybook children's act add again age ago air almost alone already
+although always amount answer anything appear area arm army ask attention bad ball bank base beat because become
+begin believe better beyond bill bit blood blow board born brain break bring build burn business buy call camp
+can capital captain care carry case catch cause cell century certain chance change check choose circle class
+climb cloth clothes collect college colony column come common company compare complete condition consider
+contain continent continue control cook copy corner correct cost cotton could count country course crease create
+crop cross cry current cut dance danger dead deal dear death decide degree describe develop die difference
+different difficult direct direction discover distance divide does dollar done double draw dream drink drive
+drop ear early east easy eat edge effect electric element else end enemy energy enough enter entire equal
+especially even event ever exact example except excite exercise expect experience experiment fact fair famous
+fast fear feed feel feet fig fight fill final find fine finger finish fit floor flow fly follow foot force form
+forward found free fresh friend fun gas gather general gentle get give glad go gone good got govern grand great
+grew ground group grow guess guide hall happen has have hear heard heart heat held help history hit hold hole
+hope human hundred hunt hurry idea imagine inch include industry instant instrument interest job join joy jump
+keep kept kill kind knew know land language last late laugh law lay lead learn leave led leg let letter lie life
+lift line liquid list listen live locate look lot loud love machine made magnet main major make mark mass master
+match material matter may mean measure meat meet melody method might mile million mind mine minute miss moment
+money month mount mouth move music must name nation nature necessary neck need neighbor nest never north nose
+note nothing notice now number observe offer often once open opposite order page paint pair parent part pass
+past pay perhaps period pick piece place plain plan plant play please plural poem point poor populate position
+possible post pound power practice prepare present press probable problem process produce product proper
+property protect prove provide pull push put quart question quick quite race raise range rather reach read ready
+real reason receive record region remember repeat reply rest result rich ride rise roll root rope row rub run
+safe sail salt save saw say scale school science score search season seat section see seed seem self sell send
+sense sentence separate serve set settle shall shape share shine shoe should shout show sign similar sing single
+sit size skill sleep slip slow smell soil solution solve song soon sound south speak special speech speed spell
+spend spoke spot spread stand start state stay stead steam step stick stood stop store story strange stretch
+string strong study substance success sudden suffix sugar suggest supply support sure surface surprise swim
+syllable symbol system tail take talk teach team teeth tell temperature term test thank thick thing think though
+thought thousand throw time tire together told took tool total touch track trade travel triangle trip trouble
+true try tube turn twenty type unit use usual value vary visit voice vowel wait walk want war wash watch way
+wear weather week weight well went west wheel whether whole wife wild will win wing wire wish wonder word work
+would write written wrong yard year yes yet walks sits stands runs flies swims sleeps holds looks wears plays
+reads eats drinks walked sat ran flew swam slept looked wore played ate drank smiled covered filled surrounded
+decorated dressed wrapped reflecting overlooking hanging growing shining rising breaking crashing exploding
+swirling flowing rushing dripping twinkling perched nestled tucked scattered piled stacked lined carved woven
+knitted embroidered printed stitched handmade homemade crafted sculpted enormous gigantic towering miniature
+majestic humble fancy old-fashioned antique timeless eternal immortal mortal brilliant radiant luminous dim
+faint harsh subtle bold chilly icy frosty breezy humid arid lush barren rocky sandy muddy grassy leafy flowery
+woody hilly mountainous snowcapped loving friendly fierce fearless shy wise clever playful lazy hungry thirsty
+excited bored nervous""",
+    "es": """
+de la el en y a los las un una unos unas que del por con para se al lo como más su sus o pero sin sobre entre
+bajo hacia desde hasta muy es son está están era hay este esta estos estas ese esa eso aquel aquella mi tu
+nuestro nuestra cuando donde mientras también solo todo toda todos todas cada otro otra mismo misma dos tres
+cuatro cinco primer primera nuevo nueva viejo vieja gran grande grandes pequeño pequeña pequeños pequeñas alto
+alta baja largo larga corto corta gato gatos gatito perro perros perrito pájaro pájaros caballo zorro lobo oso
+león tigre dragón pez peces búho lechuza conejo ciervo mariposa abeja serpiente tortuga ballena delfín tiburón
+elefante mono águila pato gallina vaca oveja cerdo ratón unicornio niña niño niñas niños mujer mujeres hombre
+hombres persona personas gente anciano anciana joven chica chico señora señor pareja familia bebé princesa reina
+rey caballero guerrero bruja mago hermoso hermosa bonito bonita lindo linda precioso preciosa feliz triste
+sonriente sonriendo ciudad calle calles casa casas castillo torre iglesia catedral pueblo aldea puente camino
+edificio mercado plaza parque jardín bosque selva árbol árboles hoja hojas flor flores rosa rosas campo prado
+playa costa mar océano ola olas lago río cascada montaña montañas colina valle desierto isla cueva roca piedra
+cielo nube nubes sol luna estrella estrellas noche día mañana tarde atardecer amanecer anochecer invierno verano
+primavera otoño nieve lluvia niebla tormenta viento luz luces sombra sombras fuego agua hielo humo rojo roja
+rojos rojas azul azules verde verdes amarillo amarilla blanco blanca blancos blancas negro negra negros negras
+dorado dorada plateado plateada gris morado morada rosado rosada naranja marrón violeta oscuro oscura claro
+clara brillante brillantes colorido colorida colores color retrato paisaje pintura dibujo ilustración foto
+fotografía estilo acuarela óleo lienzo arte obra realista detallado detallada detalles calidad iluminación
+cinematográfica cinematográfico fondo plano suave dramática dramático cálida cálido fría frío antiguo antigua
+moderno moderna futurista mágico mágica fantasía medieval tradicional clásico clásica surrealista abstracto
+comida mesa silla ventana puerta habitación cocina libro libros vela velas lámpara taza café té plato pan fruta
+frutas manzana pastel vino coche tren barco avión bicicleta nave espacio planeta robot astronauta sentado
+sentada durmiendo caminando volando corriendo leyendo jugando bailando mirando encima junto cerca lejos dentro
+fuera delante detrás alrededor lleno llena vestido vestida sombrero pelo cabello ojos cara imagen escena vista
+paisajes retratos pinturas cuadro lámina maestra mejor detalle realismo fotorrealista hiperrealista digital
+anime dibujos animados cómic caricatura boceto tinta lápiz carboncillo grabado mural mosaico escultura estatua
+natural tenue brillo brillos reflejos neblina bruma puesta crepúsculo madrugada medianoche estrellado nublado
+soleado lluvioso nevado tormentoso invernal veraniego otoñal primaveral tropical enorme diminuto hermosos
+hermosas bonitos bonitas lindos lindas tranquilo tranquila silencioso misterioso misteriosa mágicos mágicas
+encantado encantada abandonado abandonada vacío vacía coloridos coloridas luminoso luminosa caballos aves lobos
+zorros osos leones tigres dragones búhos conejos mariposas ríos lagos playas ciudades castillos torres puentes
+bosques campos jardines rocas piedras ramas raíces mayor sabio guerrera hada pirata marinero pescador campesino
+campesina bailarina músico pintor capa armadura corona espada escudo farol linterna queso jarrón cama escalera
+balcón tejado pared muro adoquines fuente templo nocturna nocturno arena volcán jungla acantilado frente debajo
+tiene mira camina corre vuela duerme lee juega baila canta come bebe sonríe llora espera cantando comiendo
+bebiendo llorando esperando parado parada pie acostado acostada uno e u ni quien cual cuyo cuanto porque pues si
+no sí ya aún todavía siempre nunca jamás tampoco mucho mucha muchos muchas poco poca pocos pocas bastante
+demasiado menos tan tanto tanta tantos tantas algo nada alguien nadie alguno alguna algunos algunas ninguno
+ninguna otros otras mismos mismas esos esas aquellos aquellas mío mía tuyo tuya suyo suya nuestros nuestras ser
+estar haber tener hacer poder decir ir ver dar saber querer llegar pasar deber poner parecer quedar creer hablar
+llevar dejar seguir encontrar llamar venir pensar salir volver tomar conocer vivir sentir tratar mirar contar
+empezar esperar buscar existir entrar trabajar escribir perder producir ocurrir entender pedir recibir recordar
+terminar permitir aparecer conseguir comenzar servir sacar necesitar mantener resultar leer caer cambiar
+presentar crear abrir considerar oír acabar convertir ganar formar traer partir morir aceptar realizar suponer
+comprender lograr explicar eran fue fueron será estaba estaban había tienen tenía hace hacen va van viene vienen
+sale salen lleva llevan miran sostiene sostienen usa usan llenos llenas tiempo vida mundo año años días vez
+veces país forma parte lugar caso gobierno momento trabajo historia mano manos cabeza cuerpo corazón nombre
+palabra tierra aire hora horas semana mes guerra paz amor muerte padre madre hijo hija hermano hermana amigo
+amiga amigos animal suelo techo baño dinero música bueno malo peor ancho estrecho fuerte débil rápido lento
+caliente limpio sucio feo rico pobre abierto cerrado primero último juntos arriba abajo""",
+    "fr": """
+de la le les et à un une des du en dans sur sous avec pour par sans au aux ce cet cette ces qui que est sont
+était il elle ils elles on son sa ses leur leurs mon ma mes ton ta notre votre très plus moins tout toute tous
+toutes chaque autre même deux trois quatre cinq premier première nouveau nouvelle vieux vieille ancien ancienne
+grand grande grands grandes petit petite petits petites haut haute long longue court courte entre vers chez près
+loin devant derrière autour pendant chat chats chaton chien chiens chiot oiseau oiseaux cheval chevaux renard
+loup ours lion tigre dragon poisson poissons hibou chouette lapin cerf papillon abeille serpent tortue baleine
+dauphin requin éléphant singe aigle canard poule vache mouton cochon souris licorne fille filles garçon garçons
+femme femmes homme hommes enfant enfants personne gens vieil jeune dame monsieur couple famille bébé princesse
+reine roi chevalier guerrier sorcière magicien beau bel belle beaux belles joli jolie jolis jolies mignon
+mignonne heureux heureuse triste souriant souriante sourire ville villes rue rues maison maisons château tour
+église cathédrale village pont chemin route bâtiment marché place parc jardin forêt jungle arbre arbres feuille
+feuilles fleur fleurs rose roses champ prairie plage côte mer océan vague vagues lac rivière fleuve cascade
+montagne montagnes colline vallée désert île grotte rocher pierre ciel nuage nuages soleil lune étoile étoiles
+nuit jour matin soir après midi coucher lever aube crépuscule hiver été printemps automne neige pluie brouillard
+brume tempête vent lumière lumières ombre ombres feu eau glace fumée rouge rouges bleu bleue bleus bleues vert
+verte verts vertes jaune jaunes blanc blanche blancs blanches noir noire noirs noires doré dorée dorés argenté
+argentée gris grise violet violette orange marron brun brune sombre sombres clair claire brillant brillante
+coloré colorée couleurs couleur portrait paysage peinture tableau dessin illustration photo photographie style
+aquarelle huile toile art œuvre réaliste détaillé détaillée détails qualité éclairage cinématographique fond
+plan doux douce dramatique chaud chaude froid froide moderne futuriste magique fantastique médiéval médiévale
+traditionnel traditionnelle classique surréaliste abstrait impressionniste nourriture repas table chaise fenêtre
+porte chambre cuisine salon livre livres bougie bougies lampe tasse café thé assiette pain fruit fruits pomme
+gâteau vin fromage croissant voiture train bateau navire avion vélo vaisseau espace planète robot astronaute
+assis assise endormi endormie dormant marchant volant courant lisant jouant dansant regardant au-dessus dessus
+dessous côté robe chapeau cheveux yeux visage habillé habillée portant image scène vue paysages portraits
+peintures gravure chef-d'œuvre meilleure réalisme photoréaliste hyperréaliste numérique bande dessinée croquis
+encre crayon fusain sculpture statue mosaïque vitrail naturelle tamisée reflets minuit pleine étoilé nuageux
+ensoleillé pluvieux enneigé orageux hivernal estival automnal printanier tropical énorme minuscule bas calme
+tranquille silencieux silencieuse mystérieux mystérieuse magiques enchanté enchantée abandonné abandonnée vide
+plein colorés colorées lumineux lumineuse obscur loups renards lions tigres dragons hiboux lapins papillons
+rivières lacs plages châteaux tours ponts forêts champs jardins rochers pierres branches racines âgé vieillard
+sage guerrière fée pirate marin pêcheur paysan paysanne danseuse musicien peintre cape armure couronne épée
+bouclier lanterne bouquet vase lit escalier balcon toit mur pavés fontaine temple nocturne sable volcan falaise
+au-dessous dedans dehors a regarde marche vole dort joue danse chante mange boit sourit pleure attend chantant
+mangeant buvant pleurant attendant debout allongé allongée l d contre ou mais donc or ni car quoi dont où quand
+comme si ne pas jamais rien toujours souvent parfois déjà encore aussi trop peu beaucoup assez bien mal mieux
+tant autres mêmes plusieurs quelque quelques certain certains tes nos vos je tu nous vous se lui y être avoir
+faire dire pouvoir aller voir savoir vouloir venir devoir prendre trouver donner falloir parler mettre passer
+regarder aimer croire demander rester répondre entendre penser arriver connaître devenir sentir sembler tenir
+comprendre rendre attendre sortir vivre entrer porter chercher revenir appeler mourir partir jouer suivre écrire
+montrer étaient sera ont avait fait font va vont vient viennent portent tient tiennent regardent semble semblent
+temps vie monde année années jours fois pays forme partie lieu cas moment travail histoire main mains œil tête
+corps cœur nom mot terre air heure semaine mois guerre paix amour mort père mère fils frère sœur ami amie amis
+madame animal sol plafond argent musique bon bonne mauvais mauvaise meilleur pire large étroit fort faible
+rapide lent propre sale laid riche pauvre ouvert ouverte fermé fermée dernier seul ensemble""",
+    "de": """
+der die das und in im mit auf ein eine einer einem einen eines des dem den von vom zu zum zur für bei aus unter
+über vor hinter neben zwischen nach an am ans ist sind war waren hat haben wird nicht kein keine auch sehr mehr
+weniger alle alles jeder jede jedes andere anderen sein seine ihr ihre unser mein meine dieser diese dieses zwei
+drei vier fünf erste erster ersten neu neue neuer neuen neues alt alte alter alten altes groß große großer
+großen großes klein kleine kleiner kleinen kleines hoch hohe lang lange langen kurz kurze durch um gegen ohne
+bis seit während wie als oder aber katze katzen kätzchen hund hunde welpe vogel vögel pferd pferde fuchs wolf
+bär löwe tiger drache fisch fische eule hase kaninchen hirsch reh schmetterling biene schlange schildkröte wal
+delfin hai elefant affe adler ente huhn kuh schaf schwein maus einhorn mädchen junge jungen frau frauen mann
+männer kind kinder person menschen leute dame herr paar familie baby prinzessin königin könig ritter krieger
+hexe zauberer schön schöne schöner schönen hübsch hübsche süß süße niedlich niedliche glücklich traurig lächelnd
+lächelt stadt städte straße straßen haus häuser schloss burg turm kirche kathedrale dorf brücke weg gebäude
+markt platz park garten wald dschungel baum bäume blatt blätter blume blumen rose rosen feld wiese strand küste
+meer ozean welle wellen see fluss wasserfall berg berge hügel tal wüste insel höhle fels felsen stein himmel
+wolke wolken sonne mond stern sterne nacht tag morgen abend sonnenuntergang sonnenaufgang dämmerung winter
+sommer frühling herbst schnee regen nebel sturm wind licht lichter schatten feuer wasser eis rauch rot rote
+roter roten rotes blau blaue blauer blauen blaues grün grüne grüner grünen gelb gelbe gelben weiß weiße weißer
+weißen schwarz schwarze schwarzer schwarzen golden goldene goldenen silbern silberne grau graue lila violett
+rosa orange braun braune dunkel dunkle dunkler dunklen hell helle hellen bunt bunte bunten farben farbe porträt
+bild landschaft gemälde malerei zeichnung illustration foto fotografie stil aquarell öl ölgemälde leinwand kunst
+kunstwerk realistisch realistische detailliert detaillierte details qualität beleuchtung filmisch filmische
+hintergrund vordergrund weich weiches weiche dramatisch dramatische warm warme warmes kalt kalte modern moderne
+futuristisch futuristische magisch magische mittelalterlich mittelalterliche traditionell traditionelle
+klassisch klassische surreal abstrakt essen mahlzeit tisch stuhl fenster tür zimmer küche buch bücher kerze
+kerzen lampe tasse kaffee tee teller brot obst apfel äpfel kuchen wein bier käse auto zug schiff boot flugzeug
+fahrrad raumschiff weltraum planet roboter astronaut sitzend sitzt schlafend schläft laufend läuft fliegend
+fliegt lesend liest spielend spielt tanzend tanzt schaut blickt steht liegt trägt kleid hut haare haar augen
+gesicht bilder szene ansicht landschaften porträts zeichnungen meisterwerk beste realismus fotorealistisch
+hyperrealistisch digital comic skizze tinte bleistift kohle radierung holzschnitt skulptur statue mosaik
+natürliches goldenes gedämpftes spiegelung spiegelungen dunst morgengrauen mitternacht vollmond sternenhimmel
+bewölkt sonnig regnerisch verschneit stürmisch winterlich sommerlich herbstlich frühlingshaft tropisch riesig
+winzig hoher niedrig junger antik moderner schönes hübsches ruhig ruhige still stille leise geheimnisvoll
+geheimnisvolle verzaubert verzauberte verlassen verlassene leer leere voll volle bunter leuchtend leuchtende
+düster düstere wölfe füchse bären löwen drachen eulen hasen schmetterlinge flüsse seen strände schlösser burgen
+türme brücken wälder felder gärten steine zweige wurzeln junges greis weiser kriegerin fee pirat seemann fischer
+bauer bäuerin tänzerin musiker maler weißes umhang rüstung krone schwert schild laterne früchte blumenstrauß
+vase bett treppe balkon dach mauer kopfsteinpflaster marktplatz brunnen tempel nachts nächtliche sand vulkan
+klippe darüber darunter drinnen draußen nah fern herum geht singt isst trinkt weint wartet blickend gehend
+singend essend trinkend weinend wartend stehend liegend denn sondern doch dass ob wenn weil bevor nachdem damit
+obwohl nie immer oft manchmal schon noch viel viele wenig wenige etwas nichts jemand niemand manche mancher
+einige anderer anderes selbe selben jener jene jenes dein deine unsere euer eure ich du er sie es wir man sich
+mir mich dir dich ihm ihn uns euch ihnen werden können müssen sollen wollen dürfen mögen machen gehen kommen
+sehen geben nehmen finden stehen liegen sitzen halten bringen denken wissen sagen sprechen lassen bleiben tragen
+zeigen laufen fahren fliegen schwimmen schlafen trinken lesen schreiben spielen arbeiten leben lieben wohnen
+scheinen fallen wachsen blühen leuchten glänzen hatte hatten kann muss soll will gibt zeigt hält sieht scheint
+wirkt wirken zeit welt jahr jahre tage mal mensch land form teil ort fall moment arbeit geschichte hand hände
+auge kopf körper herz name wort erde luft stunde woche monat krieg frieden liebe tod vater mutter sohn tochter
+bruder schwester freund freundin freunde tier wand boden decke geld musik gut schlecht besser schlechter breit
+schmal stark schwach schnell langsam heiß sauber schmutzig hässlich reich arm offen geschlossen letzte allein
+zusammen weit oben unten innen außen vorne hinten""",
+})
+
+
+@functools.lru_cache(maxsize=1)
+def seed_words() -> tuple[str, ...]:
+    """:data:`SEED_WORDS` as the scorer reads them: NFC, lowercase, split into words as prompts are, each once."""
+    text = unicodedata.normalize("NFC", " ".join(SEED_WORDS.values()).lower())
+    return tuple(dict.fromkeys(w[:MAX_WORD] for w in _WORD_RE.findall(text)))

@@ -1,5 +1,6 @@
 """The router: script rules, the Latin-script detector, spans of mixed prompts, fallbacks, bad input,
-and accuracy on the hand-written prompt set (tests/data/router_prompts.tsv)."""
+accuracy on the hand-written prompt set (tests/data/router_prompts.tsv), and its fast paths (batches, seed
+words, ASCII prompts), which must give the same plans as the plain path."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from polybridge.registry import load_registry
-from polybridge.router import (HOW, Router, expected_spans, format_scores, read_route_set, score_routes)
+from polybridge.router import (HOW, PARALLEL_MIN, Router, WordScorer, expected_spans, format_scores,
+                               read_route_set, score_routes, seed_words)
 from polybridge.unicode_scripts import SCRIPT_RANGES
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "tests" / "data" / "router_prompts.tsv"
 REGISTERED = ("en", "zh", "ja", "ko", "ru", "ar", "es", "hi", "fr", "de")
+LATIN = ("en", "es", "fr", "de")
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +249,105 @@ def test_languages_the_detector_does_not_know_are_a_guess():
     # Only one language writes Latin: no detector at all.
     only = Router({"en": ["Latin"], "zh": ["Han"]})
     assert only.scorer is None and only.plan("bonjour").spans[0].how == "script"
+
+
+# --------------------------------------------------------------------------- fast paths: same plans, fewer lingua calls
+
+
+def dicts(plans) -> list[dict]:
+    return [p.to_dict() for p in plans]  # confidences rounded to 4 places (lingua's last bits vary call to call)
+
+
+class CountingDetector:
+    """Wraps a lingua detector, counting single-word and batched calls."""
+
+    def __init__(self, detector):
+        self.detector, self.single, self.batches = detector, 0, []
+
+    def compute_language_confidence_values(self, text):
+        self.single += 1
+        return self.detector.compute_language_confidence_values(text)
+
+    def compute_language_confidence_values_in_parallel(self, texts):
+        self.batches.append(len(texts))
+        return self.detector.compute_language_confidence_values_in_parallel(texts)
+
+
+def unseeded(registry, **kwargs) -> Router:
+    router = Router.from_registry(registry, scorer=WordScorer(LATIN, seed=()), **kwargs)
+    router.scorer.known  # noqa: B018 - loads lingua
+    router.scorer._detector = CountingDetector(router.scorer._detector)
+    return router
+
+
+def test_plan_many_is_plan_with_the_new_words_in_one_lingua_call(registry):
+    prompts = [p for _, p in read_route_set(PROMPTS)]
+    one, batch = unseeded(registry), unseeded(registry)
+    expected = dicts(one.plan(p) for p in prompts)
+    assert dicts(batch.plan_many(prompts)) == expected
+    words = one.scorer.lingua_calls
+    assert words >= PARALLEL_MIN and one.scorer._detector.single == words and not one.scorer._detector.batches
+    assert batch.scorer._detector.batches == [words] and batch.scorer._detector.single == 0
+    # Known prompts and words: no lingua at all; duplicates and an empty list are fine.
+    assert dicts(batch.plan_many(prompts[:5] * 2)) == expected[:5] * 2 and batch.plan_many([]) == []
+    assert batch.scorer._detector.batches == [words] and batch.scorer._detector.single == 0
+    # A few new words: one call a word (a thread pool would cost more than it saves).
+    assert len(batch.plan_many(["ein kleines rotes Segelboot", "sunlit meadow"])) == 2
+    assert batch.scorer._detector.batches == [words] and 0 < batch.scorer._detector.single < PARALLEL_MIN
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        batch.plan_many(["a cat", None])  # type: ignore[list-item]
+
+
+def test_seed_words_change_speed_not_plans(registry):
+    seeded = Router.from_registry(registry)
+    assert seeded.scorer.known and set(seed_words()) <= set(seeded.scorer._cache)
+    assert all(w == w.lower() and w.isalpha() for w in seed_words())
+    prompts = [p for _, p in read_route_set(PROMPTS)]
+    plain = unseeded(registry)
+    assert dicts(seeded.plan_many(prompts)) == dicts(plain.plan(p) for p in prompts)
+    assert seeded.scorer.lingua_calls < plain.scorer.lingua_calls / 2
+    # The seed stays when the cache is cleared (it is, when full).
+    small = WordScorer(LATIN, cache_size=2)
+    small.known  # noqa: B018
+    for w in ("zorblat", "quixotrix", "flumbergast"):
+        small.word(w)
+    assert set(seed_words()) <= set(small._cache) and len(small._cache) <= len(seed_words()) + 2
+    assert small.word("the") == seeded.scorer.word("the")
+
+
+@pytest.mark.parametrize("prompt", [
+    "a b.c", "un chat noir.a red car on the street", "e.g. a cat", "x...y", "a, , b", "...a...", "8k, HDR",
+    "a\tb\nc", "Mr.Smith in Paris. Une belle journee", "a.b.c.d", "ab, cd; ef | gh! ij? kl. mn", "CG, 4k",
+    "ein Hund,a dog", "  la plage au coucher du soleil  .", "1girl, solo, masterpiece", "a" * 300])
+def test_ascii_prompts_take_a_shortcut_to_the_same_plan(registry, prompt):
+    fast = Router.from_registry(registry, cache_size=0)
+    slow = Router.from_registry(registry, cache_size=0, scorer=fast.scorer)
+    slow._ascii_setup = False  # the general path
+    assert fast.plan(prompt).to_dict() == slow.plan(prompt).to_dict()
+    assert fast._ascii_setup  # the shortcut is on (for the registry's Latin languages)
+
+
+def test_ascii_shortcut_on_the_whole_set(registry):
+    fast = Router.from_registry(registry, cache_size=0)
+    slow = Router.from_registry(registry, cache_size=0, scorer=fast.scorer)
+    slow._ascii_setup = False
+    prompts = [p for _, p in read_route_set(PROMPTS) if p.isascii()]
+    assert len(prompts) > 100 and dicts(fast.plan(p) for p in prompts) == dicts(slow.plan(p) for p in prompts)
+
+
+def test_a_period_separates_only_before_a_space(router):
+    # "noir.a" is one piece of text wherever it stands (a period ends a chunk only when a space follows)
+    for prompt in ("un chat noir.a red car", "a red car, un chat noir.a", "赤い鳥居, a red car, un chat noir.a",
+                   "полке, Kaffee neige.café"):
+        got, underscore = router.plan(prompt).spans, router.plan(prompt.replace(".", "_")).spans
+        assert [s[1:5] for s in got] == [s[1:5] for s in underscore], prompt
+
+
+def test_plan_cache_keeps_the_recently_used(registry):
+    router = Router.from_registry(registry, cache_size=2)
+    a, b = router.plan("a red car"), router.plan("a blue car")
+    assert router.plan("a red car") is a
+    router.plan("a green car")  # drops the least recently used: "a blue car"
+    assert router.plan("a red car") is a and router.plan("a blue car") is not b
+    assert len(router._plans) == 2
+    assert Router.from_registry(registry, cache_size=0).plan("a red car") is not a
