@@ -64,7 +64,7 @@ class EmbeddedConfig:
     tokenizer_captions: int = 20000
     # unet
     unet_channels: tuple[int, ...] = (64, 128)
-    unet_layers_per_block: int = 1
+    unet_layers_per_block: int = 2
     unet_head_dim: int = 8
     unet_steps: int = 6000
     unet_batch: int = 64
