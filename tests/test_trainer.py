@@ -317,3 +317,36 @@ def test_tensorboard_tracker(reg, tmp_path):
     opts = _opts(tmp_path, max_steps=2, report_to="tensorboard")
     train_language(reg, "zh", opts, log=_quiet)
     assert list((opts.work_dir / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_constant_context_kv_cache_is_exact_and_removed():
+    """The frozen UNet's cross-attention K/V of the constant "" context, computed once: same prediction and same
+    gradients as the plain UNet; other contexts go through unchanged; the patch is gone afterwards."""
+    from tiny_components import tiny_unet
+
+    from polybridge.training.trainer import _constant_context_kv
+
+    unet = tiny_unet().requires_grad_(False).eval()
+    width = unet.config.cross_attention_dim
+    torch.manual_seed(0)
+    base = torch.randn(1, 7, width)
+    sample = torch.randn(3, unet.config.in_channels, 8, 8)
+    t = torch.tensor([1, 500, 999])
+    other = torch.randn(3, 7, width)
+
+    def run(context):
+        x = sample.clone().requires_grad_(True)  # the gradient flows back through every block
+        pred = unet(x, t, encoder_hidden_states=context).sample
+        (pred * torch.linspace(-1, 1, pred.numel()).reshape(pred.shape)).sum().backward()
+        return pred.detach(), x.grad
+
+    plain, plain_other = run(base.expand(3, -1, -1)), run(other)
+    with _constant_context_kv(unet, base):
+        patched = [n for n, m in unet.named_modules() if "forward" in m.__dict__]
+        assert patched and all(n.endswith(("to_k", "to_v")) for n in patched)
+        cached, cached_other = run(base.expand(3, -1, -1)), run(other)
+        again = run(base.expand(3, -1, -1))
+    assert not [n for n, m in unet.named_modules() if "forward" in m.__dict__]
+    for a, b in ((plain, cached), (plain_other, cached_other), (plain, again)):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-6)

@@ -9,8 +9,9 @@ What a step costs: the backbone (UNet, VAE, text encoder) and the native encoder
 off, eval mode; a test checks that no gradient reaches them), so every example's latent, its native token states,
 the English parallel caption's backbone states (branch types that distil) and the backbone's ``""`` context are
 computed once (:mod:`polybridge.training.branch_data`, cached in the work folder) and a step runs only the branch
-and the frozen UNet. The backbone's prompt is ``""`` (BDM); caption dropout replaces the native caption, and the
-teacher's English caption, by ``""``, for classifier-free guidance.
+and the frozen UNet, whose cross-attention keys and values of that constant ``""`` context are computed once too
+(:func:`_constant_context_kv`); the optimizer is a fused AdamW. The backbone's prompt is ``""`` (BDM); caption
+dropout replaces the native caption, and the teacher's English caption, by ``""``, for classifier-free guidance.
 
 Processes: it runs as it is on one device, or under ``accelerate launch`` (DDP on N GPUs or N machines, DeepSpeed
 ZeRO-2; ``scripts/accelerate/``). ``batch_size`` is the global batch of one optimizer step; each process takes its
@@ -36,7 +37,8 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -392,7 +394,11 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
     encoded = _encodings(examples, frozen, accelerator, work, settings, spec, options, weight_dtype, say)
 
     params = [p for p in branch.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    # One fused kernel for all the branch's parameters instead of a Python loop over them (torch's default on a
+    # CPU); the same update up to float rounding. DeepSpeed keeps the plain optimizer it partitions.
+    fused = device.type in ("cpu", "cuda") and not _is_deepspeed(accelerator)
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
+                                  **({"fused": True} if fused else {}))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
     ema = copy.deepcopy(branch).requires_grad_(False).eval() if spec.ema else None
 
@@ -419,6 +425,9 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
     seen: dict[int, list[int]] = {}
     latent_shape = tuple(encoded.latents.shape[1:])
     num_timesteps = frozen.noise_scheduler.config.num_train_timesteps
+    # The backbone's "" context, on the device once; every step passes it, batch-broadcast, to the frozen UNet,
+    # whose cross-attention keys and values of it are then computed once (_constant_context_kv).
+    backbone_context = encoded.empty_context.to(device=device, dtype=weight_dtype)
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start, end), initial=start, total=spec.max_steps, desc=f"train {code} ({branch_type})",
@@ -426,52 +435,54 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
     started, window = time.time(), []
     last_good = checkpoint_step(ckpt) if options.resume else None
     model.train()
-    for step in bar:
-        t0 = time.perf_counter()
-        step_loss = 0.0
-        parts_sum: dict[str, float] = {}
-        for a in range(spec.gradient_accumulation_steps):
-            positions = range(a * per_micro + rank * micro, a * per_micro + (rank + 1) * micro)
-            indices = order.indices(step, spec.batch_size, positions)
-            if options.log_data_order:
-                seen.setdefault(step, []).extend(indices)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    parts = _step_loss(model, unwrapped, branch_cls, frozen, encoded, indices, positions, step, spec,
-                                       weights, distil, device, weight_dtype, num_timesteps, latent_shape)
-                loss = accelerator.reduce(parts["loss"].detach().float().reshape(1), "mean").item()
-                if not math.isfinite(loss):
-                    where = f"the last good checkpoint is {ckpt} (step {last_good})" if last_good else \
-                        "no checkpoint was written yet"
-                    raise TrainingError(f"{code}: the loss is {loss} at step {step} (learning rate "
-                                        f"{lr_scheduler.get_last_lr()[0]:.2e}); stopped before the optimizer step, "
-                                        f"{where}, and {out} is untouched; try a lower learning_rate or "
-                                        "mixed_precision no, then --resume")
-                accelerator.backward(parts["loss"])
-                if accelerator.sync_gradients and spec.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss / spec.gradient_accumulation_steps
-            for k, v in parts.items():
-                if k != "loss":
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / spec.gradient_accumulation_steps
-        lr_scheduler.step()
-        if ema is not None:
-            _ema_update(ema, unwrapped, spec.ema_decay, step)
-        losses.append([step + 1, round(step_loss, 6)])
-        window = (window + [time.perf_counter() - t0])[-20:]
-        rate = spec.batch_size * len(window) / sum(window)
-        bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{rate:.1f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
-        if options.report_to != "none":
-            accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate,
-                             **parts_sum}, step=step + 1)
-        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == end:
-            _save_training_state(accelerator, ckpt, modules, step + 1, optimizer, lr_scheduler,
-                                 {"settings": settings, "losses": losses})
-            last_good = step + 1
-        if callback is not None:
-            callback(step + 1, step_loss, SimpleNamespace(branch=unwrapped, ema=ema, frozen=frozen))
+    with _constant_context_kv(unet, backbone_context):
+        for step in bar:
+            t0 = time.perf_counter()
+            step_loss = 0.0
+            parts_sum: dict[str, float] = {}
+            for a in range(spec.gradient_accumulation_steps):
+                positions = range(a * per_micro + rank * micro, a * per_micro + (rank + 1) * micro)
+                indices = order.indices(step, spec.batch_size, positions)
+                if options.log_data_order:
+                    seen.setdefault(step, []).extend(indices)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        parts = _step_loss(model, unwrapped, branch_cls, frozen, encoded, indices, positions, step,
+                                           spec, weights, distil, device, weight_dtype, num_timesteps, latent_shape,
+                                           backbone_context)
+                    loss = accelerator.reduce(parts["loss"].detach().float().reshape(1), "mean").item()
+                    if not math.isfinite(loss):
+                        where = f"the last good checkpoint is {ckpt} (step {last_good})" if last_good else \
+                            "no checkpoint was written yet"
+                        raise TrainingError(f"{code}: the loss is {loss} at step {step} (learning rate "
+                                            f"{lr_scheduler.get_last_lr()[0]:.2e}); stopped before the optimizer step, "
+                                            f"{where}, and {out} is untouched; try a lower learning_rate or "
+                                            "mixed_precision no, then --resume")
+                    accelerator.backward(parts["loss"])
+                    if accelerator.sync_gradients and spec.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss / spec.gradient_accumulation_steps
+                for k, v in parts.items():
+                    if k != "loss":
+                        parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / spec.gradient_accumulation_steps
+            lr_scheduler.step()
+            if ema is not None:
+                _ema_update(ema, unwrapped, spec.ema_decay, step)
+            losses.append([step + 1, round(step_loss, 6)])
+            window = (window + [time.perf_counter() - t0])[-20:]
+            rate = spec.batch_size * len(window) / sum(window)
+            bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{rate:.1f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
+            if options.report_to != "none":
+                accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate,
+                                 **parts_sum}, step=step + 1)
+            if (step + 1) % spec.checkpoint_every == 0 or step + 1 == end:
+                _save_training_state(accelerator, ckpt, modules, step + 1, optimizer, lr_scheduler,
+                                     {"settings": settings, "losses": losses})
+                last_good = step + 1
+            if callback is not None:
+                callback(step + 1, step_loss, SimpleNamespace(branch=unwrapped, ema=ema, frozen=frozen))
 
     seconds = time.time() - started
     final = ema if ema is not None else unwrapped
@@ -561,6 +572,54 @@ def _configure_deepspeed(accelerator: Any, micro: int, spec: TrainingSpec) -> No
         config["gradient_clipping"] = spec.max_grad_norm
 
 
+@contextmanager
+def _constant_context_kv(unet: torch.nn.Module, context: torch.Tensor) -> Iterator[None]:
+    """While open, the frozen ``unet``'s cross-attention key and value projections compute ``context`` (``(1, L, C)``)
+    once and hand it out batch-broadcast whenever they are given ``context.expand(batch, -1, -1)``, the backbone's
+    ``""`` context of every step; any other input goes through the Linear as always. A Linear is the same function
+    of each row, so this is the same computation up to float rounding; gradients are unaffected (the projections
+    are frozen and ``context`` is a constant). The modules' ``forward`` is patched on the instance (their weights
+    and state dict do not change) and restored on exit."""
+    from diffusers.models.attention_processor import Attention
+
+    patched: list[torch.nn.Module] = []
+    if context.dim() == 3 and context.shape[0] == 1:
+        for module in unet.modules():
+            if not (isinstance(module, Attention) and module.is_cross_attention):
+                continue
+            for linear in (module.to_k, module.to_v):
+                if (type(linear) is torch.nn.Linear and "forward" not in linear.__dict__  # none hooked by accelerate
+                        and not any(p.requires_grad for p in linear.parameters())):
+                    linear.forward = _constant_input_forward(linear, context)
+                    patched.append(linear)
+    try:
+        yield
+    finally:
+        for linear in patched:
+            del linear.forward  # the class's forward again
+
+
+def _constant_input_forward(linear: torch.nn.Linear, base: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    plain = type(linear).forward
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not (x.dim() == 3 and x.data_ptr() == base.data_ptr() and x.shape[1:] == base.shape[1:]
+                and x.stride()[1:] == base.stride()[1:] and (x.shape[0] == 1 or x.stride(0) == 0)
+                and x.dtype == base.dtype and x.device == base.device):
+            return plain(linear, x)
+        device_type = x.device.type
+        key = (linear.weight._version, torch.is_autocast_enabled(device_type),
+               torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None)
+        if key not in cache:
+            cache.clear()
+            with torch.no_grad():
+                cache[key] = plain(linear, base)
+        return cache[key].expand(x.shape[0], -1, -1)
+
+    return forward
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float, step: int) -> None:
     d = min(decay, (1 + step) / (10 + step))
@@ -571,7 +630,7 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float, step:
 def _step_loss(model: Any, unwrapped: Any, branch_cls: Any, frozen: _Frozen, encoded: EncodedExamples,
                indices: list[int], positions: range, step: int, spec: TrainingSpec, weights: dict, distil: bool,
                device: Any, weight_dtype: torch.dtype, num_timesteps: int,
-               latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+               latent_shape: tuple[int, ...], backbone_context: torch.Tensor) -> dict[str, torch.Tensor]:
     timesteps, noise, drops = sample_draws(spec.seed, step, positions, num_timesteps, spec.caption_dropout,
                                            latent_shape)
     idx = torch.tensor(indices, dtype=torch.long)
@@ -600,7 +659,7 @@ def _step_loss(model: Any, unwrapped: Any, branch_cls: Any, frozen: _Frozen, enc
         raise TrainingError(f"prediction_type {sched.config.prediction_type!r} of the backbone's scheduler is not "
                             "supported; valid: epsilon, v_prediction")
     branch_dtype = next(unwrapped.parameters()).dtype
-    context = encoded.empty_context.to(device=device, dtype=weight_dtype).expand(len(indices), -1, -1)
+    context = backbone_context.expand(len(indices), -1, -1)
     student = unwrapped.unet_inputs(noisy.to(branch_dtype), timesteps, states.to(device=device, dtype=branch_dtype),
                                     mask, context, call=model)
     # The branch trains in fp32; the frozen UNet reads what it gives in its own dtype (as diffusers' ControlNet script).
