@@ -43,7 +43,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from polybridge.backbone import Backbone, load_backbone
-from polybridge.branches import Branch, get_branch_class
+from polybridge.branches import Branch, get_branch_class, load_branch
 from polybridge.encoders import NativeEncoder, load_encoder
 from polybridge.registry import LanguageEntry, Registry, RegistryError, load_registry
 from polybridge.router import RoutePlan, Router
@@ -183,7 +183,7 @@ class PolyBridgePipeline(DiffusionPipeline):
         present = source is not None and (isinstance(source, str) or source.exists())
         if present:
             encoder = load_encoder(entry, torch_dtype=torch_dtype)
-            branch = _load_branch(source, self.unet, torch_dtype)
+            branch = load_branch(source, self.unet, torch_dtype)
             if branch.branch_type != spec.type:
                 raise RegistryError(entry.file, "branch.type", f"the branch at {source} is a {branch.branch_type!r} "
                                     f"branch, but the entry says {spec.type!r}", valid=[branch.branch_type])
@@ -536,14 +536,6 @@ class PolyBridgePipeline(DiffusionPipeline):
             return (images, labels)
         return PolyBridgePipelineOutput(images=images, languages=labels,
                                         plans=None if language is not None else [row.plan for row in rows])
-
-
-def _load_branch(source: Path | str, unet: Any, torch_dtype: torch.dtype | None) -> Branch:
-    if isinstance(source, str):  # a hub id: fetch the config and safetensors only
-        from huggingface_hub import snapshot_download
-
-        source = Path(snapshot_download(source, allow_patterns=["config.json", "*.safetensors"]))
-    return Branch.from_pretrained(source, backbone_unet=unet, torch_dtype=torch_dtype)
 
 
 def _is_number(value: Any) -> bool:

@@ -38,6 +38,7 @@ import torch
 import polybridge
 from polybridge.bench.suites import SUITES, SYNTHETIC_SUITES, Suite, SuiteError, curated_suite, synthetic_suite, \
     synthetic_unavailable
+from polybridge.branches import load_branch
 from polybridge.registry import LanguageEntry, Registry
 
 #: Methods, in report order.
@@ -430,8 +431,6 @@ def _run_language(ctx: _Context, code: str, bar: Any) -> tuple[list[Cell], list[
 def _method_pipe(ctx: _Context, entry: LanguageEntry, method: str, encoder: Any,
                  encoder_reason: str) -> tuple[Any, str]:
     """The pipeline a method runs on, or ``(None, why it cannot run)``."""
-    from polybridge.pipeline import _load_branch
-
     if method in ("english-reference", "translate"):
         return ctx.base, ""
     if encoder is None:
@@ -445,7 +444,7 @@ def _method_pipe(ctx: _Context, entry: LanguageEntry, method: str, encoder: Any,
     if source is None:
         return None, reason
     try:
-        branch = _load_branch(source, ctx.backbone.unet, None)
+        branch = load_branch(source, ctx.backbone.unet)
         if branch.branch_type != method:
             return None, f"{source} holds a {branch.branch_type} branch, not a {method} one"
         with warnings.catch_warnings():

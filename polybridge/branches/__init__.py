@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import difflib
 
-from polybridge.branches.base import Branch, BranchError, BranchOutput
+from polybridge.branches.base import Branch, BranchError, BranchOutput, load_branch
 from polybridge.branches.bdm import BDMBranch
 from polybridge.branches.pea import PEABranch
 
-__all__ = ["Branch", "BranchError", "BranchOutput", "BDMBranch", "PEABranch", "register_branch", "get_branch_class", "branch_types"]
+__all__ = ["Branch", "BranchError", "BranchOutput", "BDMBranch", "PEABranch", "load_branch", "register_branch", "get_branch_class", "branch_types"]
 
 _BRANCH_CLASSES: dict[str, type[Branch]] = {}
 

@@ -218,6 +218,16 @@ class Branch(ModelMixin, ConfigMixin):
         return branch
 
 
+def load_branch(source: str | Path, backbone_unet: Any = None, torch_dtype: torch.dtype | None = None) -> Branch:
+    """A saved branch from a local folder (a ``Path``, as ``LanguageEntry.branch_source`` gives it) or a hub id
+    (a ``str``: only its config and safetensors are fetched)."""
+    if isinstance(source, str):
+        from huggingface_hub import snapshot_download
+
+        source = snapshot_download(source, allow_patterns=["config.json", "*.safetensors"])
+    return Branch.from_pretrained(source, backbone_unet=backbone_unet, torch_dtype=torch_dtype)
+
+
 def read_branch_config(folder: Path) -> dict[str, Any]:
     """The ``config.json`` of a saved branch, checked for the recorded keys."""
     if not folder.is_dir():
