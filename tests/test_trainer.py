@@ -112,6 +112,25 @@ def test_stop_and_resume_end_where_an_uninterrupted_run_ends(reg, tmp_path):
     assert all(torch.equal(ema[k], b[k]) for k in b) and any(not torch.equal(live[k], b[k]) for k in b)
 
 
+def test_languages_share_the_latents_of_the_same_scenes(reg, tmp_path):
+    first = _opts(tmp_path / "shared", "zh", max_steps=1)
+    train_language(reg, "zh", first, log=_quiet)
+    messages = []
+    second = _opts(tmp_path / "shared", "ja", max_steps=1)
+    train_language(reg, "ja", second, log=messages.append)
+    assert any("latents read from the shared cache" in m for m in messages)
+    alone = _opts(tmp_path / "alone", "ja", max_steps=1)
+    messages = []
+    train_language(reg, "ja", alone, log=messages.append)
+    assert not any("shared cache" in m for m in messages)
+    zh, ja, ja_alone = (load_file(str(o.work_dir / "cache" / "cache.safetensors")) for o in (first, second, alone))
+    assert torch.equal(zh["latents"], ja["latents"]) and torch.equal(ja["latents"], ja_alone["latents"])
+    assert torch.equal(ja["states"], ja_alone["states"]) and not torch.equal(zh["states"][:, :4], ja["states"][:, :4])
+    assert _weights(second.out_dir).keys() == _weights(alone.out_dir).keys()
+    a, b = _weights(second.out_dir), _weights(alone.out_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a), "a run on shared latents trains exactly as one that encodes"
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(reg, tmp_path):
     def poison(step, loss, run):
         if step == 2:

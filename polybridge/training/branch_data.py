@@ -249,16 +249,18 @@ def encode_examples(examples: Examples, indices: Sequence[int], *, vae: Any, enc
                     text_encoder: Any, max_chunks: int, english: bool, device: Any, dtype: torch.dtype,
                     batch_size: int = 256, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Latents, native states (filled up to ``max_chunks``) and, with ``english``, backbone states of the English
-    captions, for the examples at ``indices`` (tensors on CPU in ``dtype``; chunk counts as int64)."""
+    captions, for the examples at ``indices`` (tensors on CPU in ``dtype``; chunk counts as int64).
+    With ``vae=None`` the images are not read and no latents are returned (they come from a shared cache)."""
     filler = encoder.encode([""]).to(device=device, dtype=dtype)
     out: dict[str, list[torch.Tensor]] = {"latents": [], "states": [], "chunks": [], "english": []}
-    scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0) if vae is not None else 1.0
+    shift = (getattr(vae.config, "shift_factor", None) or 0.0) if vae is not None else 0.0
     for start in range(0, len(indices), batch_size):
         idx = list(indices[start:start + batch_size])
-        pixels = examples.read_images(idx).to(device=device, dtype=vae.dtype)
-        latents = (vae.encode(pixels).latent_dist.mean - shift) * scaling
-        out["latents"].append(latents.to(dtype).cpu())
+        if vae is not None:
+            pixels = examples.read_images(idx).to(device=device, dtype=vae.dtype)
+            latents = (vae.encode(pixels).latent_dist.mean - shift) * scaling
+            out["latents"].append(latents.to(dtype).cpu())
         captions = [examples.captions[i] for i in idx]
         states, _ = encoder.encode_with_mask(captions)
         states = states.to(device=device, dtype=dtype)

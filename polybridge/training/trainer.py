@@ -63,6 +63,7 @@ from polybridge.training.checkpoint import STATE_FILE, checkpoint_step, load_che
 CHECKPOINT_DIR = "checkpoint"
 CACHE_DIR = "cache"
 CACHE_FILE = "cache.safetensors"
+LATENT_DIR = "latents"  # beside the work folders: latents shared by languages
 INFO_FILE = "train_info.json"
 DATA_ORDER_DIR = "data_order"
 REPORT_TO = ("none", "tensorboard")
@@ -680,8 +681,11 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
                spec: TrainingSpec, options: TrainOptions, dtype: torch.dtype,
                say: Callable[[str], None]) -> EncodedExamples:
     """Every example's frozen encodings: read from ``<work>/cache`` when it was made from the same data and
-    weights, else computed (each process a shard, then gathered) and written there."""
-    from safetensors import safe_open
+    weights, else computed (each process a shard, then gathered) and written there.
+
+    The latents depend only on the images and the VAE, not on the language: languages trained on the same
+    scenes (the synthetic world gives every language the same scenes for the same seed) share them through
+    ``<work>/../latents/<key>.safetensors``, so only the first run of a backbone pays for the VAE."""
     from safetensors.torch import load_file, save_file
 
     english = examples.english is not None
@@ -690,36 +694,34 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
                      "text_encoder": weights_digest(frozen.text_encoder) if english else None,
                      "english": english, "dtype": str(dtype), "max_length": frozen.encoder.max_length,
                      "hidden_layer": frozen.encoder.hidden_layer})
+    images = {k: v for k, v in settings["data"].items() if k not in ("caption_column", "english_column")}
+    latent_key = cache_key({"images": images, "vae": weights_digest(frozen.vae), "dtype": str(dtype)})
     file = work / CACHE_DIR / CACHE_FILE
-    found = None
-    if file.is_file():
-        try:
-            with safe_open(str(file), framework="pt") as fh:
-                found = (fh.metadata() or {}).get("key")
-        except Exception:  # an unreadable cache is rebuilt
-            found = None
-    usable = found == key
-    if accelerator.num_processes > 1:  # one decision for all (a machine without the file makes everyone encode)
-        flag = torch.tensor([1 if usable else 0], device=accelerator.device)
-        usable = bool(accelerator.gather(flag).min().item())
+    latent_file = work.parent / LATENT_DIR / f"{latent_key}.safetensors"
+    usable = _agree(accelerator, _cache_key_of(file) == key)
     if usable:
         say(f"{settings['language']}: reading cached encodings from {file}")
         return EncodedExamples.from_tensors(load_file(str(file)))
+    shared = _agree(accelerator, _cache_key_of(latent_file) == latent_key)
     device, n = accelerator.device, examples.n
     max_chunks = max(chunk_counts(frozen.encoder, examples.captions))
     per = -(-n // accelerator.num_processes)
     lo, hi = accelerator.process_index * per, min(n, (accelerator.process_index + 1) * per)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, desc=f"encode {settings['language']} (frozen, once)", dynamic_ncols=True,
+    what = "text" if shared else "images and text"
+    bar = tqdm(total=n, desc=f"encode {settings['language']} {what} (frozen, once)", dynamic_ncols=True,
                disable=not (options.progress and accelerator.is_main_process))
-    shard = encode_examples(examples, range(lo, hi), vae=frozen.vae, encoder=frozen.encoder,
+    shard = encode_examples(examples, range(lo, hi), vae=None if shared else frozen.vae, encoder=frozen.encoder,
                             tokenizer=frozen.tokenizer, text_encoder=frozen.text_encoder, max_chunks=max_chunks,
                             english=english, device=device, dtype=dtype, batch_size=options.cache_batch,
                             progress=lambda k: bar.update(k * accelerator.num_processes))
     bar.close()
     tensors = {k: _gather_rows(accelerator, v, per)[:n] for k, v in shard.items()} if accelerator.num_processes > 1 \
         else shard
+    if shared:
+        say(f"{settings['language']}: latents read from the shared cache {latent_file}")
+        tensors["latents"] = load_file(str(latent_file))["latents"]
     with torch.no_grad():
         tensors["empty_states"] = frozen.encoder.encode([""]).to(dtype).cpu()
         tensors["empty_context"] = encode_backbone_text(frozen.tokenizer, frozen.text_encoder, [""], device).to(dtype).cpu()
@@ -727,8 +729,35 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
     if accelerator.is_local_main_process:
         with atomic_dir(file.parent, overwrite=True) as tmp:
             save_file(tensors, str(tmp / CACHE_FILE), metadata={"key": key})
+        if not shared:
+            latent_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp_file = latent_file.with_name(f".{latent_file.name}.{os.getpid()}.tmp")
+            save_file({"latents": tensors["latents"]}, str(tmp_file), metadata={"key": latent_key})
+            os.replace(tmp_file, latent_file)
     accelerator.wait_for_everyone()
     return EncodedExamples.from_tensors(tensors)
+
+
+def _cache_key_of(file: Path) -> str | None:
+    """The key a cache file was written with (None when it is missing or unreadable: it is then rebuilt)."""
+    from safetensors import safe_open
+
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            return (fh.metadata() or {}).get("key")
+    except Exception:
+        return None
+
+
+def _agree(accelerator: Any, ok: bool) -> bool:
+    """One decision for all processes: true only where every process says so (a machine without the file
+    makes everyone encode)."""
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([1 if ok else 0], device=accelerator.device)
+        return bool(accelerator.gather(flag).min().item())
+    return ok
 
 
 def _gather_rows(accelerator: Any, tensor: torch.Tensor, rows: int) -> torch.Tensor:
