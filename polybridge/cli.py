@@ -378,6 +378,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         branch_type=args.branch_type, backbone=args.backbone, work_dir=args.work, out_dir=args.out,
         init_from=args.init_from, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
         stop_at=args.stop_at, progress=not args.no_progress, log_data_order=args.log_data_order,
+        save_dtype=args.save_dtype,
     )
     results = []
     for code in codes:
@@ -661,6 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace existing branch weights when training ends; without --resume, drop an old checkpoint")
     p.add_argument("--stop-at", type=_positive_int, default=None,
                    help="end at this step on the full schedule and write the branch (resumable to max_steps)")
+    p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype the written branch is stored in (float16 halves the file; it loads as float32)")
     p.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
                    help="accelerate tracker (default none; tensorboard logs go to WORK/logs)")
     p.add_argument("--log-data-order", action="store_true",

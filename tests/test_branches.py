@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from polybridge.backbone import architecture_config, architecture_fingerprint
 from polybridge.branches import (
@@ -251,6 +252,20 @@ def test_config_problems_are_clear_errors(tmp_path, trained):
     config_file.write_text("{not json")
     with pytest.raises(BranchError, match=f"{config_file}: not readable JSON"):
         Branch.from_pretrained(folder)
+
+
+def test_stored_in_half_precision_loads_as_float32(tmp_path, trained):
+    full = trained.save_pretrained(tmp_path / "full")
+    half = trained.save_pretrained(tmp_path / "half", torch_dtype=torch.float16)
+    stored = load_file(str(half / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    size = lambda f: (f / "diffusion_pytorch_model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    loaded = Branch.from_pretrained(half)
+    for name, a in trained.state_dict().items():
+        b = loaded.state_dict()[name]
+        assert b.dtype == torch.float32 and torch.equal(b, a.half().float()), name
+    assert next(Branch.from_pretrained(half, torch_dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
 
 
 def test_save_is_atomic(tmp_path, monkeypatch, unet, trained):

@@ -116,10 +116,10 @@ def test_languages_share_the_latents_of_the_same_scenes(reg, tmp_path):
     first = _opts(tmp_path / "shared", "zh", max_steps=1)
     train_language(reg, "zh", first, log=_quiet)
     messages = []
-    second = _opts(tmp_path / "shared", "ja", max_steps=1)
+    second = _opts(tmp_path / "shared", "ja", max_steps=1, save_dtype="float16")
     train_language(reg, "ja", second, log=messages.append)
     assert any("latents read from the shared cache" in m for m in messages)
-    alone = _opts(tmp_path / "alone", "ja", max_steps=1)
+    alone = _opts(tmp_path / "alone", "ja", max_steps=1, save_dtype="float16")
     messages = []
     train_language(reg, "ja", alone, log=messages.append)
     assert not any("shared cache" in m for m in messages)
@@ -129,6 +129,9 @@ def test_languages_share_the_latents_of_the_same_scenes(reg, tmp_path):
     assert _weights(second.out_dir).keys() == _weights(alone.out_dir).keys()
     a, b = _weights(second.out_dir), _weights(alone.out_dir)
     assert all(torch.equal(a[k], b[k]) for k in a), "a run on shared latents trains exactly as one that encodes"
+    assert {v.dtype for v in a.values()} == {torch.float16}  # --save-dtype float16
+    with pytest.raises(TrainingError, match="save_dtype 'half': valid: float32, float16, bfloat16"):
+        train_language(reg, "ja", replace(alone, save_dtype="half"), log=_quiet)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(reg, tmp_path):

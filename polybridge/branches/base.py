@@ -138,15 +138,20 @@ class Branch(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ saving
 
-    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = True, **_ignored: Any) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = True,
+                        torch_dtype: torch.dtype | None = None, **_ignored: Any) -> Path:
         """Write ``config.json`` and the safetensors weights to ``save_directory``, atomically
         (:func:`polybridge.atomic.atomic_dir`: everything goes to a temporary sibling folder, which is
         renamed into place only once complete). An existing folder is replaced unless ``overwrite=False``.
+        ``torch_dtype`` stores the floating-point weights in that dtype (``torch.float16`` halves the file);
+        :meth:`from_pretrained` loads them as float32 unless told otherwise.
         """
         if not self.backbone_fingerprint:
             raise BranchError(f"{type(self).__name__} has no recorded backbone; build it with from_unet()")
         target = Path(save_directory).expanduser().resolve()
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        if torch_dtype is not None:
+            state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
         config = {"_class_name": type(self).__name__, **_plain(dict(self.config))}
         with atomic_dir(target, overwrite=overwrite) as tmp:
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "branch_type": self.branch_type})
@@ -164,7 +169,8 @@ class Branch(ModelMixin, ConfigMixin):
                         torch_dtype: torch.dtype | None = None, **_ignored: Any) -> Branch:
         """Load a branch saved by :meth:`save_pretrained`. On the base class the saved ``branch_type``
         picks the class; on a subclass it must match. With ``backbone_unet``, the backbone fingerprint
-        must match too."""
+        must match too. The weights load as float32 whatever dtype they were stored in (as diffusers does),
+        or as ``torch_dtype``."""
         folder = Path(directory).expanduser().resolve()
         config = read_branch_config(folder)
         saved_type = config["branch_type"]
@@ -212,8 +218,8 @@ class Branch(ModelMixin, ConfigMixin):
         branch.register_to_config(**{k: config[k] for k in RECORD_KEYS})
         if backbone_unet is not None:
             branch.check_backbone(backbone_unet, where=folder)
-        if torch_dtype is not None:
-            torch.nn.Module.to(branch, dtype=torch_dtype)  # ModelMixin.to warns even with no fp32 modules
+        # ModelMixin.to warns even with no fp32 modules; only floating-point tensors change dtype.
+        torch.nn.Module.to(branch, dtype=torch_dtype or torch.float32)
         branch.eval()
         return branch
 

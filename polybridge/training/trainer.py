@@ -67,6 +67,7 @@ LATENT_DIR = "latents"  # beside the work folders: latents shared by languages
 INFO_FILE = "train_info.json"
 DATA_ORDER_DIR = "data_order"
 REPORT_TO = ("none", "tensorboard")
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: TrainingSpec fields a command-line flag may override (TrainOptions has one field of the same name each).
 SPEC_FLAGS: tuple[str, ...] = ("max_steps", "batch_size", "learning_rate", "warmup_steps", "lr_schedule",
@@ -109,6 +110,7 @@ class TrainOptions:
     progress: bool = True
     log_data_order: bool = False
     cache_batch: int = 256
+    save_dtype: str = "float32"  # dtype the written branch is stored in (float16 halves it; it loads as float32)
 
 
 def resolve_spec(entry: LanguageEntry, options: TrainOptions) -> TrainingSpec:
@@ -303,6 +305,8 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
     if entry.branch is None or entry.encoder is None:
         raise RegistryError(entry.file, "branch", f"{code!r} is the backbone's language: it has no branch to train")
     spec = resolve_spec(entry, options)
+    if options.save_dtype not in SAVE_DTYPES:
+        raise TrainingError(f"save_dtype {options.save_dtype!r}: valid: {', '.join(SAVE_DTYPES)}")
     branch_type = options.branch_type or entry.branch.type
     try:
         branch_cls = get_branch_class(branch_type)
@@ -503,7 +507,7 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
         "command": " ".join(sys.argv),
     }
     if main:
-        final.save_pretrained(out, overwrite=True)
+        final.save_pretrained(out, overwrite=True, torch_dtype=SAVE_DTYPES[options.save_dtype])
         atomic_write_text(work / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
         say(f"{code}: wrote the {branch_type} branch to {out} (step {end}, loss {info['final_loss']}, "
             f"{info['samples_per_s']} samples/s)")
