@@ -253,12 +253,12 @@ def encode_examples(examples: Examples, indices: Sequence[int], *, vae: Any, enc
     With ``vae=None`` the images are not read and no latents are returned (they come from a shared cache)."""
     filler = encoder.encode([""]).to(device=device, dtype=dtype)
     out: dict[str, list[torch.Tensor]] = {"latents": [], "states": [], "chunks": [], "english": []}
-    scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0) if vae is not None else 1.0
-    shift = (getattr(vae.config, "shift_factor", None) or 0.0) if vae is not None else 0.0
     for start in range(0, len(indices), batch_size):
         idx = list(indices[start:start + batch_size])
         if vae is not None:
             pixels = examples.read_images(idx).to(device=device, dtype=vae.dtype)
+            scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
             latents = (vae.encode(pixels).latent_dist.mean - shift) * scaling
             out["latents"].append(latents.to(dtype).cpu())
         captions = [examples.captions[i] for i in idx]

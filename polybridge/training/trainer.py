@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from polybridge.atomic import atomic_dir, atomic_write_text, check_writable_parent
+from polybridge.atomic import atomic_dir, atomic_write_bytes, atomic_write_text, check_writable_parent
 from polybridge.registry import LanguageEntry, Registry, RegistryError, TrainingSpec
 from polybridge.training.branch_data import (
     EncodedExamples,
@@ -690,16 +690,17 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
     The latents depend only on the images and the VAE, not on the language: languages trained on the same
     scenes (the synthetic world gives every language the same scenes for the same seed) share them through
     ``<work>/../latents/<key>.safetensors``, so only the first run of a backbone pays for the VAE."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save, save_file
 
     english = examples.english is not None
+    vae_digest = weights_digest(frozen.vae)
     key = cache_key({"data": settings["data"], "encoder": settings["encoder"],
-                     "encoder_weights": weights_digest(frozen.encoder.model), "vae": weights_digest(frozen.vae),
+                     "encoder_weights": weights_digest(frozen.encoder.model), "vae": vae_digest,
                      "text_encoder": weights_digest(frozen.text_encoder) if english else None,
                      "english": english, "dtype": str(dtype), "max_length": frozen.encoder.max_length,
                      "hidden_layer": frozen.encoder.hidden_layer})
     images = {k: v for k, v in settings["data"].items() if k not in ("caption_column", "english_column")}
-    latent_key = cache_key({"images": images, "vae": weights_digest(frozen.vae), "dtype": str(dtype)})
+    latent_key = cache_key({"images": images, "vae": vae_digest, "dtype": str(dtype)})
     file = work / CACHE_DIR / CACHE_FILE
     latent_file = work.parent / LATENT_DIR / f"{latent_key}.safetensors"
     usable = _agree(accelerator, _cache_key_of(file) == key)
@@ -734,10 +735,7 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
         with atomic_dir(file.parent, overwrite=True) as tmp:
             save_file(tensors, str(tmp / CACHE_FILE), metadata={"key": key})
         if not shared:
-            latent_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp_file = latent_file.with_name(f".{latent_file.name}.{os.getpid()}.tmp")
-            save_file({"latents": tensors["latents"]}, str(tmp_file), metadata={"key": latent_key})
-            os.replace(tmp_file, latent_file)
+            atomic_write_bytes(latent_file, save({"latents": tensors["latents"]}, metadata={"key": latent_key}))
     accelerator.wait_for_everyone()
     return EncodedExamples.from_tensors(tensors)
 
