@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     unet, text_encoder = E.train_unet(work, cfg, vae, tokenizer, caption, stop_at=args.unet_stop)
     print(f"[{time.time() - started:.0f}s] unet done (step {checkpoint_step(work / 'unet')} of {cfg.unet_steps})")
 
-    E.save_backbone(args.out, vae, unet, text_encoder, tokenizer,
+    E.save_backbone(args.out, cfg, vae, unet, text_encoder, tokenizer,
                     extra={"config": E.config_dict(cfg), "vae_latent_stats": vae_stats,
                            "unet_step": checkpoint_step(work / "unet"),
                            "seconds": round(time.time() - started), "command": " ".join(sys.argv)})
@@ -160,7 +160,7 @@ captions (about 10% empty, for classifier-free guidance). Stock diffusers loads 
 - Text encoder: CLIPTextModel, hidden {cfg['text_hidden']}, {cfg['text_layers']} layers, with a CLIP BPE tokenizer ({cfg['tokenizer_vocab']} merges target), max {cfg['text_max_length']} tokens.
 - UNet: UNet2DConditionModel, channels {cfg['unet_channels']}, {cfg['unet_layers_per_block']} layer(s) per block, head dim {cfg['unet_head_dim']};
   trained jointly with the text encoder for {build['unet_step']} of {cfg['unet_steps']} scheduled steps, batch {cfg['unet_batch']}, lr {cfg['unet_lr']}, EMA {cfg['ema_decay']}, min-SNR {cfg['min_snr_gamma']}.
-- Scheduler: DPMSolverMultistep on SD 1.x's scaled-linear betas (epsilon prediction).
+- Scheduler: DPMSolverMultistep on SD 1.x's scaled-linear betas rescaled to zero terminal SNR, v-prediction, trailing timesteps (as SD 2.x).
 
 Made by `{build.get('command', 'python scripts/build_default.py')}` (seed {cfg['seed']}), {build.get('seconds', '?')} s of build time
 (a resumed build counts only its last run).

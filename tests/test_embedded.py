@@ -105,3 +105,32 @@ def test_build_script_refuses_other_settings_in_the_same_work_dir(tmp_path):
                            str(tmp_path / "o"), "--work", str(work)], capture_output=True, text=True)
     assert proc.returncode == 2 and "other settings" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_default_schedule_reaches_pure_noise_and_predicts_v():
+    cfg = E.EmbeddedConfig()
+    train, infer = E.make_train_scheduler(cfg), E.make_inference_scheduler(cfg)
+    assert train.alphas_cumprod[-1] == 0, "zero terminal SNR: the last training step holds no image"
+    assert train.alphas_cumprod[0] > 0.99
+    infer.set_timesteps(25)
+    assert int(infer.timesteps[0]) == 999, "trailing spacing: sampling starts at the pure-noise step it was trained on"
+    assert infer.config.prediction_type == train.config.prediction_type == "v_prediction"
+    eps = replace(cfg, prediction_type="epsilon", zero_terminal_snr=False)
+    assert E.make_train_scheduler(eps).alphas_cumprod[-1] > 1e-3  # SD 1.x's schedule, kept for comparison
+
+
+def test_bad_schedule_settings_are_named():
+    import pytest
+
+    with pytest.raises(ValueError, match="zero_terminal_snr=True needs prediction_type='v_prediction'"):
+        E.make_train_scheduler(replace(E.EmbeddedConfig(), prediction_type="epsilon"))
+    with pytest.raises(ValueError, match="prediction_type='sample' is not valid"):
+        E.make_inference_scheduler(replace(E.EmbeddedConfig(), prediction_type="sample"))
+
+
+def test_loss_weights_keep_the_pure_noise_end():
+    snr = torch.tensor([0.0, 0.5, 4.0, 100.0])
+    v = E.loss_weights(snr, E.EmbeddedConfig())
+    assert torch.allclose(v, torch.tensor([1.0, 1.0, 1.0, 5 / 101])), v  # x0-weight min(snr + 1, 5)
+    eps = E.loss_weights(snr[1:], replace(E.EmbeddedConfig(), prediction_type="epsilon", zero_terminal_snr=False))
+    assert torch.allclose(eps, torch.tensor([1.0, 1.0, 5 / 100])), eps

@@ -99,7 +99,7 @@ def _random_backbone(out: Path, sd15: bool) -> None:
     else:
         unet, vae, text = E.make_unet(cfg), E.make_vae(cfg), E.make_text_encoder(cfg, tokenizer)
     StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                            scheduler=E.make_inference_scheduler(), safety_checker=None, feature_extractor=None,
+                            scheduler=E.make_inference_scheduler(cfg), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(out)
 
 
@@ -205,11 +205,13 @@ def run_diffusers_style(registry, lang: str, args) -> dict:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         student = branch.unet_inputs(noisy, timesteps, native.to(device), None if mask is None else mask.to(device),
                                      backbone_states)
+        target = noise if scheduler.config.prediction_type == "epsilon" else \
+            scheduler.get_velocity(latents, noise, timesteps)
         if distil:
-            loss = branch_cls.training_loss(bb.unet, noisy, timesteps, noise, student, teacher, weights)["loss"]
+            loss = branch_cls.training_loss(bb.unet, noisy, timesteps, target, student, teacher, weights)["loss"]
         else:
             pred = bb.unet(noisy, timesteps, **student).sample
-            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(branch.parameters(), spec.max_grad_norm)
         optimizer.step()

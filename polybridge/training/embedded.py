@@ -9,8 +9,13 @@ Stages (each resumable from its last checkpoint, data order a pure function of (
    latent channel; a KL weight of 1e-5 gives light-tailed channels, standardising evens them.
 2. ``tokenizer``: a CLIP BPE tokenizer (``vocab.json`` + ``merges.txt``) trained on English captions.
 3. ``unet``: a UNet2DConditionModel and a CLIPTextModel trained together on cached latents and
-   English captions (about 10% empty, for classifier-free guidance), epsilon-prediction on
-   Stable Diffusion's schedule, min-SNR loss weighting, EMA weights.
+   English captions (about 10% empty, for classifier-free guidance), EMA weights.
+   v-prediction on Stable Diffusion's betas rescaled to zero terminal SNR (as SD 2.x and
+   Lin et al. 2023): with SD 1.x's epsilon-prediction the last step still leaks 7% of the image,
+   an 8x8 latent's layout is read from the starting noise, and the loss (x0-weight = SNR) barely
+   teaches the text -> layout map at high noise. The 6000-step epsilon build placed objects
+   at chance (position 0.47, the same on training prompts); see the README's Status.
+   Loss weight: min-SNR-gamma counted on SNR + 1, so the pure-noise end keeps weight 1.
 4. ``save``: the backbone in diffusers format, fp16 safetensors, loadable by
    ``StableDiffusionPipeline.from_pretrained``.
 """
@@ -72,6 +77,8 @@ class EmbeddedConfig:
     unet_warmup: int = 200
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
     latent_cache: int = 60000
     checkpoint_every: int = 250
 
@@ -255,19 +262,40 @@ def make_unet(cfg: EmbeddedConfig):
     )
 
 
-def make_train_scheduler():
-    """Stable Diffusion 1.x's noise schedule (so the backbone behaves like SD for every scheduler)."""
+def _schedule(cfg: EmbeddedConfig) -> dict:
+    """Stable Diffusion 1.x's betas (so the backbone behaves like SD for every scheduler), rescaled to
+    zero terminal SNR and with its prediction type when ``cfg`` asks (then sampled with trailing steps)."""
+    if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type={cfg.prediction_type!r} is not valid; use 'epsilon' or 'v_prediction'")
+    if cfg.zero_terminal_snr and cfg.prediction_type == "epsilon":
+        raise ValueError("zero_terminal_snr=True needs prediction_type='v_prediction' (noise is all there is at the last step)")
+    extra = {"rescale_betas_zero_snr": True} if cfg.zero_terminal_snr else {}
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type=cfg.prediction_type, **extra)
+
+
+def make_train_scheduler(cfg: EmbeddedConfig):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         prediction_type="epsilon", clip_sample=False)
+    return DDPMScheduler(clip_sample=False, **_schedule(cfg))
 
 
-def make_inference_scheduler():
+def make_inference_scheduler(cfg: EmbeddedConfig):
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1)
+    spacing = "trailing" if cfg.zero_terminal_snr else "leading"  # trailing: the first step starts from pure noise
+    return DPMSolverMultistepScheduler(**_schedule(cfg), timestep_spacing=spacing, steps_offset=1)
+
+
+def loss_weights(snr: torch.Tensor, cfg: EmbeddedConfig) -> torch.Tensor:
+    """Per-sample weights of the MSE on the model's target: min-SNR-gamma (Hang et al. 2023).
+
+    For epsilon ``min(snr, g) / snr``; for v-prediction ``min(snr + 1, g) / (snr + 1)``, i.e. an x0-weight of
+    ``min(snr + 1, g)``: 1 at pure noise (where the layout is decided), capped at ``g`` near the data.
+    """
+    if cfg.prediction_type == "epsilon":
+        return torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+    return torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)
 
 
 # --------------------------------------------------------------------------- unet + text encoder
@@ -306,7 +334,7 @@ def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callabl
     total = cfg.unet_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.unet_warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    noise_sched = make_train_scheduler()
+    noise_sched = make_train_scheduler(cfg)
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     ckpt = work / "unet"
@@ -332,8 +360,8 @@ def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callabl
         xt = noise_sched.add_noise(x0, noise, t)
         states = text(ids).last_hidden_state
         pred = unet(xt, t, encoder_hidden_states=states).sample
-        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR weighting for epsilon-prediction
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        target = noise if cfg.prediction_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
+        loss = (loss_weights(snr[t], cfg) * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"unet: loss is {loss.item()} at step {step}; last good checkpoint kept in {ckpt}")
         opt.zero_grad(set_to_none=True)
@@ -353,12 +381,12 @@ def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callabl
     return ema_unet.eval(), ema_text.eval()
 
 
-def save_backbone(out: Path, vae, unet, text_encoder, tokenizer, extra: dict | None = None) -> Path:
-    """Write the backbone in diffusers format as fp16 safetensors, atomically."""
+def save_backbone(out: Path, cfg: EmbeddedConfig, vae, unet, text_encoder, tokenizer, extra: dict | None = None) -> Path:
+    """Write the backbone in diffusers format as fp16 safetensors, atomically (its scheduler: ``cfg``'s)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_inference_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=make_inference_scheduler(cfg), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe = pipe.to(torch.float16)
     with atomic_dir(out, overwrite=True) as tmp:
