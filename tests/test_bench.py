@@ -269,8 +269,6 @@ def test_quick_run_on_the_embedded_default_fits_in_five_minutes(tmp_path):
     import time
 
     reg = load_registry(REPO)
-    if not Path(reg.backbone_source()).is_dir():
-        pytest.skip(f"{reg.backbone_source()} is not built yet (python scripts/build_default.py)")
     started = time.time()
     result = run_bench(reg, BenchSettings(quick=True), progress=False)
     write_report(result, tmp_path / "quick")
