@@ -83,11 +83,15 @@ def publish_dir(tmp: str | Path, target: str | Path) -> None:
         os.replace(tmp, target)
 
 
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes 0700 folders; give the result the mode a plain mkdir would (0777 less the umask)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
+    return umask
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp makes 0700 folders; give the result the mode a plain mkdir would (0777 less the umask)."""
+    os.chmod(path, 0o777 & ~_umask())
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
@@ -99,6 +103,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the mode a plain open() would
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
