@@ -56,6 +56,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     _chmod_like_mkdir(tmp)
     try:
         yield tmp
+        _chmod_tree_like_plain_writes(tmp)
         publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -92,6 +93,19 @@ def _umask() -> int:
 def _chmod_like_mkdir(path: Path) -> None:
     """mkdtemp makes 0700 folders; give the result the mode a plain mkdir would (0777 less the umask)."""
     os.chmod(path, 0o777 & ~_umask())
+
+
+def _chmod_tree_like_plain_writes(root: Path) -> None:
+    """Writers that go through a temporary file (mkstemp, safetensors' ``save_file``) leave 0600 files; give
+    everything under ``root`` the mode a plain open()/mkdir would (executables keep their x bits)."""
+    umask = _umask()
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir() or path.stat().st_mode & 0o100:
+            path.chmod(0o777 & ~umask)
+        else:
+            path.chmod(0o666 & ~umask)
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:

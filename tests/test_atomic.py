@@ -52,3 +52,18 @@ def test_non_empty_target_needs_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         with atomic_dir(tmp_path / "out"):
             pass
+
+
+def test_files_written_through_temporary_files_get_plain_modes(tmp_path, umask_022):
+    # safetensors' save_file writes through a temporary file and leaves 0600; published weights must not.
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic_dir(tmp_path / "weights") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "run.sh").write_text("#!/bin/sh\n")
+        (tmp / "run.sh").chmod(0o700)
+    assert _mode(tmp_path / "weights" / "model.safetensors") == 0o644
+    assert _mode(tmp_path / "weights" / "sub") == 0o755
+    assert _mode(tmp_path / "weights" / "run.sh") == 0o755
