@@ -122,9 +122,9 @@ class TrainingSpec:
     UNet's down, mid and up blocks of the MSE of their hidden states).
     """
 
-    learning_rate: float = 1e-4
+    learning_rate: float = 5e-4
     batch_size: int = 64
-    max_steps: int = 2000
+    max_steps: int = 2500
     warmup_steps: int = 100
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     weight_decay: float = 1e-2
@@ -135,7 +135,7 @@ class TrainingSpec:
     gradient_checkpointing: bool = False
     ema: bool = False
     ema_decay: float = 0.999
-    checkpoint_every: int = 500
+    checkpoint_every: int = 250
     denoise_weight: float = 1.0
     distill_output_weight: float = 1.0
     distill_weight: float = 0.1

@@ -38,8 +38,8 @@ def test_add_a_language_and_train_it_from_the_command_line(tmp_path, capsys):
 
     # Fill the entry (small training settings for a test) and write the grammar: data, not code.
     entry = (folder / "language.yaml").read_text(encoding="utf-8")
-    for old, new in (("max_steps: 2000", "max_steps: 4"), ("batch_size: 64", "batch_size: 4"),
-                     ("warmup_steps: 100", "warmup_steps: 1"), ("checkpoint_every: 500", "checkpoint_every: 2"),
+    for old, new in (("max_steps: 2500", "max_steps: 4"), ("batch_size: 64", "batch_size: 4"),
+                     ("warmup_steps: 100", "warmup_steps: 1"), ("checkpoint_every: 250", "checkpoint_every: 2"),
                      ("num_samples: 20000", "num_samples: 32")):
         assert old in entry
         entry = entry.replace(old, new)
