@@ -119,6 +119,17 @@ def test_default_schedule_reaches_pure_noise_and_predicts_v():
     assert E.make_train_scheduler(eps).alphas_cumprod[-1] > 1e-3  # SD 1.x's schedule, kept for comparison
 
 
+def test_swapped_in_schedulers_do_not_clip_the_latents(tmp_path):
+    # DDIM/DDPM clip the predicted sample to [-1, 1] unless the config says otherwise; the standardised latents
+    # leave that range, so the saved config records clip_sample=False (and DPM-Solver loads it silently).
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    E.make_inference_scheduler(E.EmbeddedConfig()).save_pretrained(tmp_path)
+    assert DDIMScheduler.from_pretrained(tmp_path).config.clip_sample is False
+    assert DDPMScheduler.from_pretrained(tmp_path).config.clip_sample is False
+    assert DPMSolverMultistepScheduler.from_pretrained(tmp_path).config.timestep_spacing == "trailing"
+
+
 def test_bad_schedule_settings_are_named():
     import pytest
 

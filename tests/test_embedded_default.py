@@ -50,6 +50,7 @@ def test_stock_diffusers_loads_it_as_float32_with_its_schedule(stock_pipe):
                for m in (stock_pipe.unet, stock_pipe.vae, stock_pipe.text_encoder))
     config = stock_pipe.scheduler.config
     assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+    assert config.clip_sample is False, "a DDIM swapped in with from_config must not clip the latents"
     build = json.loads((ASSET / "polybridge_build.json").read_text(encoding="utf-8"))
     assert build["unet_step"] == build["config"]["unet_steps"], "the committed backbone is a finished build"
 
