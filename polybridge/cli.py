@@ -374,7 +374,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,
         lr_schedule=args.lr_schedule, gradient_accumulation_steps=args.grad_accum, caption_dropout=args.caption_dropout,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, ema=args.ema,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, num_samples=args.num_samples,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, snr_gamma=args.snr_gamma, num_samples=args.num_samples,
         branch_type=args.branch_type, backbone=args.backbone, work_dir=args.work, out_dir=args.out,
         init_from=args.init_from, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
         stop_at=args.stop_at, progress=not args.no_progress, log_data_order=args.log_data_order,
@@ -640,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=_positive_int, default=None,
                    help="gradient accumulation steps (entry: gradient_accumulation_steps)")
     p.add_argument("--caption-dropout", type=float, default=None, help="share of empty captions (entry: caption_dropout)")
+    p.add_argument("--snr-gamma", type=float, default=None,
+                   help="min-SNR-gamma weighting of the denoising loss, e.g. 5.0 (entry: snr_gamma; null: plain MSE)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="(entry: mixed_precision; fp16 falls back to fp32 on a CPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,

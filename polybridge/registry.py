@@ -119,7 +119,9 @@ class TrainingSpec:
     together), so an entry means the same run on one CPU, one GPU or eight. Loss weights: ``denoise_weight``
     (MSE to the noise), and for branch types that distil (pea) ``distill_output_weight`` (MSE to the
     backbone's noise prediction for the English parallel caption) and ``distill_weight`` (sum over the
-    UNet's down, mid and up blocks of the MSE of their hidden states).
+    UNet's down, mid and up blocks of the MSE of their hidden states). ``snr_gamma``: min-SNR-gamma weighting
+    of the denoising MSE (Hang et al. 2023, diffusers' ``--snr_gamma``; 5.0 is the paper's value); ``None``:
+    plain MSE.
     """
 
     learning_rate: float = 5e-4
@@ -137,6 +139,7 @@ class TrainingSpec:
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     denoise_weight: float = 1.0
+    snr_gamma: float | None = None
     distill_output_weight: float = 1.0
     distill_weight: float = 0.1
     seed: int = 0
@@ -515,6 +518,8 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
                 raise RegistryError(file, f"branch.training.{name}", f"must be positive, got {getattr(tr, name)}")
         if not 0.0 <= tr.caption_dropout < 1.0:
             raise RegistryError(file, "branch.training.caption_dropout", f"must be in [0, 1), got {tr.caption_dropout}")
+        if tr.snr_gamma is not None and tr.snr_gamma <= 0:
+            raise RegistryError(file, "branch.training.snr_gamma", f"must be positive or null, got {tr.snr_gamma}")
         if not 0.0 < tr.ema_decay < 1.0:
             raise RegistryError(file, "branch.training.ema_decay", f"must be in (0, 1), got {tr.ema_decay}")
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "denoise_weight", "distill_output_weight",

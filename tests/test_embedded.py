@@ -8,12 +8,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from polybridge.synthetic.scenes import sample_scenes
 from polybridge.training import embedded as E
 from polybridge.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
+from polybridge.training.snr import min_snr_weights, timestep_snr
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -131,17 +133,28 @@ def test_swapped_in_schedulers_do_not_clip_the_latents(tmp_path):
 
 
 def test_bad_schedule_settings_are_named():
-    import pytest
-
     with pytest.raises(ValueError, match="zero_terminal_snr=True needs prediction_type='v_prediction'"):
         E.make_train_scheduler(replace(E.EmbeddedConfig(), prediction_type="epsilon"))
     with pytest.raises(ValueError, match="prediction_type='sample' is not valid"):
         E.make_inference_scheduler(replace(E.EmbeddedConfig(), prediction_type="sample"))
 
 
-def test_loss_weights_keep_the_pure_noise_end():
+def test_min_snr_weights_keep_the_pure_noise_end():
     snr = torch.tensor([0.0, 0.5, 4.0, 100.0])
-    v = E.loss_weights(snr, E.EmbeddedConfig())
+    v = min_snr_weights(snr, 5.0, "v_prediction")
     assert torch.allclose(v, torch.tensor([1.0, 1.0, 1.0, 5 / 101])), v  # x0-weight min(snr + 1, 5)
-    eps = E.loss_weights(snr[1:], replace(E.EmbeddedConfig(), prediction_type="epsilon", zero_terminal_snr=False))
+    eps = min_snr_weights(snr[1:], 5.0, "epsilon")
     assert torch.allclose(eps, torch.tensor([1.0, 1.0, 5 / 100])), eps
+    with pytest.raises(ValueError, match="prediction_type 'sample' has no min-SNR weighting"):
+        min_snr_weights(snr, 5.0, "sample")
+    with pytest.raises(ValueError, match="gamma must be positive"):
+        min_snr_weights(snr, 0.0, "epsilon")
+
+
+def test_timestep_snr_reads_the_schedule():
+    sched = E.make_train_scheduler(E.EmbeddedConfig())
+    t = torch.tensor([0, 500, 999])
+    snr = timestep_snr(sched.alphas_cumprod, t)
+    a = sched.alphas_cumprod[t]
+    assert torch.allclose(snr, a / (1 - a))
+    assert snr[2] == 0 and snr[0] > snr[1] > 0  # zero terminal SNR at the last step

@@ -163,6 +163,8 @@ BAD_ENTRIES = [
      "branch.training.learning_rate", "must be positive"),
     ("bad-dropout", "zh", "branch.training.caption_dropout", 1.5, "languages/zh/language.yaml",
      "branch.training.caption_dropout", "must be in [0, 1)"),
+    ("bad-snr-gamma", "zh", "branch.training.snr_gamma", 0, "languages/zh/language.yaml",
+     "branch.training.snr_gamma", "must be positive or null"),
     ("code-mismatch", "zh", "code", "ja", "languages/zh/language.yaml", "code", "does not match"),
     ("missing-grammar", "zh", "synthetic.grammar", "nowhere.yaml", "languages/zh/language.yaml", "synthetic.grammar",
      "does not exist"),

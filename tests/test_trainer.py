@@ -159,6 +159,28 @@ def test_gradient_checkpointing_computes_the_same_step(reg, tmp_path):
     assert losses[False] == pytest.approx(losses[True], rel=1e-5)
 
 
+def test_min_snr_weighting_reweights_the_denoising_loss(reg, tmp_path):
+    losses = {}
+    for name, gamma in (("plain", None), ("huge", 1e9), ("min-snr", 1.0)):
+        train_language(reg, "zh", _opts(tmp_path, name, max_steps=1, snr_gamma=gamma), log=_quiet,
+                       callback=lambda step, loss, run, name=name: losses.setdefault(name, []).append(loss))
+    assert losses["huge"] == pytest.approx(losses["plain"], rel=1e-6), "a gamma no SNR reaches changes nothing"
+    assert losses["min-snr"][0] < 0.99 * losses["plain"][0], "gamma 1 weights every step with SNR above 1 down"
+    with pytest.raises(TrainingError, match="snr_gamma must be positive"):
+        train_language(reg, "zh", _opts(tmp_path, "bad", snr_gamma=0.0), log=_quiet)
+
+
+def test_weighted_mse_is_the_plain_mse_with_unit_weights():
+    from polybridge.branches.base import weighted_mse
+
+    pred, target = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    plain = torch.nn.functional.mse_loss(pred, target)
+    assert torch.allclose(weighted_mse(pred, target), plain)
+    assert torch.allclose(weighted_mse(pred, target, torch.ones(3)), plain)
+    per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(weighted_mse(pred, target, torch.tensor([1.0, 0.0, 2.0])), (per[0] + 2 * per[2]) / 3)
+
+
 def test_mixed_precision_where_the_device_allows(reg, tmp_path):
     from polybridge.training.trainer import resolve_mixed_precision
 

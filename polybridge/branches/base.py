@@ -41,6 +41,16 @@ RECORD_KEYS: tuple[str, ...] = ("branch_type", "backbone_fingerprint", "backbone
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32; with ``sample_weights`` (shape ``[batch]``) the mean of each example's MSE
+    times its weight."""
+    if sample_weights is None:
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+    per_example = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    per_example = per_example.reshape(per_example.shape[0], -1).mean(dim=1)
+    return (per_example * sample_weights.to(per_example)).mean()
+
 class BranchError(ValueError):
     """A saved branch cannot be used: unreadable files, wrong type, or built for another backbone."""
 
@@ -88,12 +98,14 @@ class Branch(ModelMixin, ConfigMixin):
     @staticmethod
     def training_loss(unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor,
                       student: Mapping[str, Any], teacher: Mapping[str, Any] | None,
-                      weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+                      weights: Mapping[str, float], sample_weights: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
         """The training loss: MSE between the UNet's prediction with the branch (``student``: its
         :meth:`unet_inputs`) and ``target``. ``teacher`` (the UNet's inputs for the English parallel caption)
-        is used by branch types that distil (:attr:`distills`). Returns ``{"loss": ..., <parts>: ...}``."""
+        is used by branch types that distil (:attr:`distills`). ``sample_weights``: one weight per example of
+        the denoising MSE (min-SNR; ``None``: all 1). Returns ``{"loss": ..., <parts>: ...}``."""
         pred = unet(noisy, timesteps, **student, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss = weighted_mse(pred, target, sample_weights)
         return {"loss": loss, "denoise": loss.detach()}
 
     def record(self, unet: Any, encoder_name: str, encoder_hidden_size: int) -> None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from polybridge.branches.base import Branch
+from polybridge.branches.base import Branch, weighted_mse
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -116,18 +116,21 @@ class PEABranch(Branch):
     @staticmethod
     def training_loss(unet: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor,
                       student: Mapping[str, Any], teacher: Mapping[str, Any] | None,
-                      weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+                      weights: Mapping[str, float], sample_weights: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
         """PEA's loss. ``student``/``teacher``: the UNet keyword arguments of the adapter's context and of the
         backbone's own text encoder on the English parallel caption (``None``: native-only data, denoising
         only). ``weights``: ``denoise`` (MSE to ``target``), ``distill_output`` (MSE to the teacher's noise
-        prediction) and ``distill_features`` (sum over blocks of the MSE of their hidden states)."""
+        prediction) and ``distill_features`` (sum over blocks of the MSE of their hidden states).
+        ``sample_weights`` (min-SNR) weight the denoising term only; the distillation terms match the teacher
+        at every noise level alike."""
         if teacher is None:
-            return Branch.training_loss(unet, noisy, timesteps, target, student, None, weights)
+            return Branch.training_loss(unet, noisy, timesteps, target, student, None, weights, sample_weights)
         with torch.no_grad(), block_outputs(unet) as feats_t:
             pred_t = unet(noisy, timesteps, **teacher, return_dict=False)[0]
         with block_outputs(unet) as feats_s:
             pred = unet(noisy, timesteps, **student, return_dict=False)[0]
-        denoise = F.mse_loss(pred.float(), target.float())
+        denoise = weighted_mse(pred, target, sample_weights)
         out = F.mse_loss(pred.float(), pred_t.float())
         feat = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(feats_s, feats_t, strict=True))
         loss = weights.get("denoise", 1.0) * denoise + weights.get("distill_output", 1.0) * out \

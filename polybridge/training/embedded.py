@@ -43,6 +43,7 @@ from polybridge.synthetic.render import render_scene
 from polybridge.synthetic.scenes import sample_scenes
 from polybridge.synthetic.world import Scene
 from polybridge.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
+from polybridge.training.snr import min_snr_weights
 
 EMPTY_CAPTION_RATE = 0.1
 
@@ -292,17 +293,6 @@ def make_inference_scheduler(cfg: EmbeddedConfig):
     return scheduler
 
 
-def loss_weights(snr: torch.Tensor, cfg: EmbeddedConfig) -> torch.Tensor:
-    """Per-sample weights of the MSE on the model's target: min-SNR-gamma (Hang et al. 2023).
-
-    For epsilon ``min(snr, g) / snr``; for v-prediction ``min(snr + 1, g) / (snr + 1)``, i.e. an x0-weight of
-    ``min(snr + 1, g)``: 1 at pure noise (where the layout is decided), capped at ``g`` near the data.
-    """
-    if cfg.prediction_type == "epsilon":
-        return torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-    return torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)
-
-
 # --------------------------------------------------------------------------- unet + text encoder
 
 
@@ -366,7 +356,7 @@ def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callabl
         states = text(ids).last_hidden_state
         pred = unet(xt, t, encoder_hidden_states=states).sample
         target = noise if cfg.prediction_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
-        loss = (loss_weights(snr[t], cfg) * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = (min_snr_weights(snr[t], cfg.min_snr_gamma, cfg.prediction_type) * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"unet: loss is {loss.item()} at step {step}; last good checkpoint kept in {ckpt}")
         opt.zero_grad(set_to_none=True)

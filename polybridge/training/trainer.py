@@ -59,6 +59,7 @@ from polybridge.training.branch_data import (
     weights_digest,
 )
 from polybridge.training.checkpoint import STATE_FILE, checkpoint_step, load_checkpoint, save_checkpoint
+from polybridge.training.snr import min_snr_weights, timestep_snr
 
 CHECKPOINT_DIR = "checkpoint"
 CACHE_DIR = "cache"
@@ -72,7 +73,7 @@ SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 #: TrainingSpec fields a command-line flag may override (TrainOptions has one field of the same name each).
 SPEC_FLAGS: tuple[str, ...] = ("max_steps", "batch_size", "learning_rate", "warmup_steps", "lr_schedule",
                                "gradient_accumulation_steps", "caption_dropout", "mixed_precision",
-                               "gradient_checkpointing", "ema", "checkpoint_every", "seed")
+                               "gradient_checkpointing", "ema", "checkpoint_every", "seed", "snr_gamma")
 #: Spec fields that may change when a run is resumed (they do not change what is computed).
 _RESUMABLE_CHANGES = ("checkpoint_every", "mixed_precision", "gradient_checkpointing")
 
@@ -97,6 +98,7 @@ class TrainOptions:
     ema: bool | None = None
     checkpoint_every: int | None = None
     seed: int | None = None
+    snr_gamma: float | None = None
     num_samples: int | None = None
     branch_type: str | None = None
     backbone: str | None = None
@@ -126,6 +128,8 @@ def resolve_spec(entry: LanguageEntry, options: TrainOptions) -> TrainingSpec:
         raise TrainingError(f"warmup_steps must be 0 or more, got {spec.warmup_steps}")
     if not 0.0 <= spec.caption_dropout < 1.0:
         raise TrainingError(f"caption_dropout must be in [0, 1), got {spec.caption_dropout}")
+    if spec.snr_gamma is not None and spec.snr_gamma <= 0:
+        raise TrainingError(f"snr_gamma must be positive (min-SNR weighting; 5.0 is usual), got {spec.snr_gamma}")
     if spec.mixed_precision not in ("no", "fp16", "bf16"):
         raise TrainingError(f"mixed_precision {spec.mixed_precision!r} is not one of no, fp16, bf16")
     if spec.lr_schedule not in ("constant", "cosine"):
@@ -678,7 +682,12 @@ def _step_loss(model: Any, unwrapped: Any, branch_cls: Any, frozen: _Frozen, enc
         if drop.any():
             eng[drop] = encoded.empty_context.to(eng.dtype)
         teacher = {"encoder_hidden_states": eng.to(device=device, dtype=weight_dtype)}
-    return branch_cls.training_loss(frozen.unet, noisy.to(weight_dtype), timesteps, target, student, teacher, weights)
+    sample_weights = None
+    if spec.snr_gamma is not None:
+        snr = timestep_snr(sched.alphas_cumprod, timesteps)
+        sample_weights = min_snr_weights(snr, spec.snr_gamma, sched.config.prediction_type)
+    return branch_cls.training_loss(frozen.unet, noisy.to(weight_dtype), timesteps, target, student, teacher, weights,
+                                    sample_weights)
 
 
 def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path, settings: dict,
