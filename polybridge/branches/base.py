@@ -41,7 +41,6 @@ RECORD_KEYS: tuple[str, ...] = ("branch_type", "backbone_fingerprint", "backbone
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error in fp32; with ``sample_weights`` (shape ``[batch]``) the mean of each example's MSE
     times its weight."""
@@ -50,6 +49,7 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, sample_weights: torch
     per_example = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
     per_example = per_example.reshape(per_example.shape[0], -1).mean(dim=1)
     return (per_example * sample_weights.to(per_example)).mean()
+
 
 class BranchError(ValueError):
     """A saved branch cannot be used: unreadable files, wrong type, or built for another backbone."""

@@ -356,7 +356,8 @@ def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callabl
         states = text(ids).last_hidden_state
         pred = unet(xt, t, encoder_hidden_states=states).sample
         target = noise if cfg.prediction_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
-        loss = (min_snr_weights(snr[t], cfg.min_snr_gamma, cfg.prediction_type) * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        weights = min_snr_weights(snr[t], cfg.min_snr_gamma, cfg.prediction_type)
+        loss = (weights * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"unet: loss is {loss.item()} at step {step}; last good checkpoint kept in {ckpt}")
         opt.zero_grad(set_to_none=True)
