@@ -43,7 +43,7 @@ from polybridge.synthetic.render import render_scene
 from polybridge.synthetic.scenes import sample_scenes
 from polybridge.synthetic.world import Scene
 from polybridge.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
-from polybridge.training.snr import min_snr_weights
+from polybridge.training.snr import min_snr_weights, timestep_snr
 
 EMPTY_CAPTION_RATE = 0.1
 
@@ -330,8 +330,6 @@ def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callabl
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.unet_warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     noise_sched = make_train_scheduler(cfg)
-    alphas = noise_sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
     ckpt = work / "unet"
     start = 0
     if checkpoint_step(ckpt) is not None:
@@ -356,7 +354,7 @@ def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callabl
         states = text(ids).last_hidden_state
         pred = unet(xt, t, encoder_hidden_states=states).sample
         target = noise if cfg.prediction_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
-        weights = min_snr_weights(snr[t], cfg.min_snr_gamma, cfg.prediction_type)
+        weights = min_snr_weights(timestep_snr(noise_sched.alphas_cumprod, t), cfg.min_snr_gamma, cfg.prediction_type)
         loss = (weights * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"unet: loss is {loss.item()} at step {step}; last good checkpoint kept in {ckpt}")
