@@ -375,6 +375,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule, gradient_accumulation_steps=args.grad_accum, caption_dropout=args.caption_dropout,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, ema=args.ema,
         checkpoint_every=args.checkpoint_every, seed=args.seed, snr_gamma=args.snr_gamma, num_samples=args.num_samples,
+        objects=args.objects,
         branch_type=args.branch_type, backbone=args.backbone, work_dir=args.work, out_dir=args.out,
         init_from=args.init_from, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
         stop_at=args.stop_at, progress=not args.no_progress, log_data_order=args.log_data_order,
@@ -651,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="(entry: checkpoint_every)")
     p.add_argument("--seed", type=int, default=None, help="seed of the data, noise and init (entry: seed)")
     p.add_argument("--num-samples", type=_positive_int, default=None, help="training examples (entry: data.num_samples)")
+    p.add_argument("--objects", choices=["all", "own"], default=None,
+                   help="synthetic data: scenes draw every object (all; another language's concept is an unnamed "
+                        "'object') or the generic shapes plus the language's own concepts (own) (entry: data.objects)")
     p.add_argument("--branch-type", default=None, help="train another branch type than the entry's (bdm, pea); "
                                                        "give --out too")
     p.add_argument("--backbone", default=None, help="backbone name in registry.yaml (default: default_backbone)")

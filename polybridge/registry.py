@@ -166,6 +166,10 @@ class DataSpec:
     image_column: str = "image"
     split: str = "train"
     num_samples: int | None = None
+    #: synthetic only: which objects the scenes draw. ``all``: every drawable object (another language's concept
+    #: is an unnamed "object" in this language's captions); ``own``: the generic shapes plus this language's
+    #: ``synthetic.concepts``, the objects its captions name.
+    objects: Literal["all", "own"] = "all"
 
 
 @dataclass(frozen=True)
@@ -528,6 +532,9 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
                 raise RegistryError(file, f"branch.training.{name}", f"must be 0 or more, got {getattr(tr, name)}")
     if entry.data is not None and entry.data.dataset != "synthetic":
         _check_source(entry.data.dataset, file, "data.dataset", must_exist=True)
+        if entry.data.objects != "all":
+            raise RegistryError(file, "data.objects", f"{entry.data.objects!r} chooses which objects synthetic scenes "
+                                "draw; a dataset's images are what they are, so leave it out (or 'all')")
     if entry.synthetic is not None:
         _check_source(entry.synthetic.grammar, file, "synthetic.grammar", must_exist=True)
         if len(set(entry.synthetic.concepts)) != len(entry.synthetic.concepts):

@@ -15,7 +15,7 @@ from conftest import registry_with_tiny_backbone
 from polybridge.branches import BDMBranch, Branch, BranchError, PEABranch
 from polybridge.cli import main
 from polybridge.registry import RegistryError, load_registry
-from polybridge.training.branch_data import DataError, examples_from_dataset
+from polybridge.training.branch_data import DataError, examples_from_dataset, load_examples
 from polybridge.training.trainer import (
     DataOrder,
     TrainingError,
@@ -132,6 +132,38 @@ def test_languages_share_the_latents_of_the_same_scenes(reg, tmp_path):
     assert {v.dtype for v in a.values()} == {torch.float16}  # --save-dtype float16
     with pytest.raises(TrainingError, match="save_dtype 'half': valid: float32, float16, bfloat16"):
         train_language(reg, "ja", replace(alone, save_dtype="half"), log=_quiet)
+
+
+def _named_shapes(reg, code: str, captions: list[str]) -> list[set[str]]:
+    """The shapes each native caption names, read back by the benchmark's dictionary (an unnamed "object" is
+    left out: another language's concept, or a plural like "two objects")."""
+    from polybridge.bench.translate import build_dictionary
+    from polybridge.synthetic.captions import load_grammars
+
+    grammars = load_grammars(reg)
+    dictionary = build_dictionary(grammars[code], grammars["en"])
+    return [{key for attribute, key, _ in dictionary.lookup(c) if attribute == "shape" and key != "object"}
+            for c in captions]
+
+
+def test_own_objects_draw_the_generic_shapes_and_the_languages_own_concepts(reg, tmp_path):
+    everything = load_examples(reg, reg.language("zh"), image_size=16, seed=0, num_samples=300)
+    own = load_examples(reg, reg.language("zh"), image_size=16, seed=0, num_samples=300, objects="own")
+    named_all, named_own = (_named_shapes(reg, "zh", e.captions) for e in (everything, own))
+    # every drawable object: most scenes show only another language's concepts, which zh leaves unnamed
+    assert sum(not shapes for shapes in named_all) > 0.3 * len(named_all)
+    # own: every scene shows something zh names, and together they are the generic shapes and zh's concepts
+    assert all(named_own)
+    assert set().union(*named_own) == {"circle", "square", "triangle", "star", "cross", "lantern", "pagoda"}
+    assert own.description["concepts"] == ["lantern", "pagoda"] and everything.description["concepts"] is None
+    # each language's own scenes, so each its own latents: nothing is read from the shared cache
+    first = _opts(tmp_path, "zh", max_steps=1, objects="own")
+    train_language(reg, "zh", first, log=_quiet)
+    messages = []
+    train_language(reg, "ja", _opts(tmp_path, "ja", max_steps=1, objects="own"), log=messages.append)
+    assert not any("shared cache" in m for m in messages)
+    with pytest.raises(DataError, match="objects='mine' is not valid; valid: all, own"):
+        load_examples(reg, reg.language("zh"), image_size=16, seed=0, num_samples=4, objects="mine")
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(reg, tmp_path):

@@ -34,6 +34,8 @@ import torch
 from polybridge.registry import LanguageEntry, Registry, RegistryError
 
 SYNTHETIC = "synthetic"
+#: What ``data.objects`` may say (see :class:`polybridge.registry.DataSpec`).
+OBJECT_POOLS = ("all", "own")
 #: Files that mark a folder written by ``datasets``' ``save_to_disk``.
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -57,9 +59,10 @@ class Examples:
 
 
 def load_examples(registry: Registry, entry: LanguageEntry, *, image_size: int, seed: int,
-                  num_samples: int | None = None, need_english: bool = False) -> Examples:
+                  num_samples: int | None = None, need_english: bool = False, objects: str | None = None) -> Examples:
     """The examples of ``entry``'s ``data:`` section (see the module doc). ``need_english``: the branch type
-    distils from the English parallel caption, so ``data.english_column`` must name one."""
+    distils from the English parallel caption, so ``data.english_column`` must name one. ``objects``
+    overrides ``data.objects`` (synthetic data only)."""
     if entry.data is None:
         raise RegistryError(entry.file, "data", f"language {entry.code!r} has no 'data:' section, so there is nothing "
                             "to train on; add one (dataset: synthetic, caption_column: caption_<code>)")
@@ -68,13 +71,19 @@ def load_examples(registry: Registry, entry: LanguageEntry, *, image_size: int, 
     if n is not None and n < 1:
         raise DataError(f"num_samples must be at least 1, got {n}")
     english_column = data.english_column if need_english else None
+    objects = objects or data.objects
+    if objects not in OBJECT_POOLS:
+        raise DataError(f"objects={objects!r} is not valid; valid: {', '.join(OBJECT_POOLS)}")
     if data.dataset == SYNTHETIC:
-        return _synthetic(registry, entry, n or 20000, seed, image_size, english_column)
+        return _synthetic(registry, entry, n or 20000, seed, image_size, english_column, objects)
+    if objects != "all":
+        raise DataError(f"objects={objects!r} chooses which objects synthetic scenes draw; dataset "
+                        f"{data.dataset} ({entry.file}) is not synthetic, so its images are what they are")
     return _from_datasets(entry, n, image_size, english_column)
 
 
 def _synthetic(registry: Registry, entry: LanguageEntry, n: int, seed: int, size: int,
-               english_column: str | None) -> Examples:
+               english_column: str | None, objects: str) -> Examples:
     from polybridge.synthetic.captions import Captioner
     from polybridge.synthetic.dataset import caption_rng
     from polybridge.synthetic.scenes import sample_scenes
@@ -98,7 +107,9 @@ def _synthetic(registry: Registry, entry: LanguageEntry, n: int, seed: int, size
     captioner = Captioner(registry, langs)
     split = data.split
     scene_seed = step_seed(seed, "branch-data", 0)
-    scenes = sample_scenes(n, scene_seed, split)
+    # "own": the generic shapes plus the concepts this language names (scenes.sample_scenes' concepts=)
+    concepts = tuple(entry.synthetic.concepts) if objects == "own" and entry.synthetic is not None else None
+    scenes = sample_scenes(n, scene_seed, split, concepts=concepts)
     captions = [captioner(s, entry.code, caption_rng(scene_seed, split, i, entry.code)) for i, s in enumerate(scenes)]
     english = None
     if english_lang is not None:
@@ -110,6 +121,7 @@ def _synthetic(registry: Registry, entry: LanguageEntry, n: int, seed: int, size
 
     return Examples(n=n, captions=captions, english=english, read_images=read,
                     description={"dataset": SYNTHETIC, "split": split, "seed": scene_seed, "n": n, "size": size,
+                                 "objects": objects, "concepts": list(concepts) if concepts is not None else None,
                                  "caption_column": data.caption_column, "english_column": english_column})
 
 

@@ -100,6 +100,7 @@ class TrainOptions:
     seed: int | None = None
     snr_gamma: float | None = None
     num_samples: int | None = None
+    objects: str | None = None  # synthetic data: "all" or "own" (entry: data.objects)
     branch_type: str | None = None
     backbone: str | None = None
     work_dir: Path | None = None
@@ -384,7 +385,7 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
         say(f"{code}: data.english_column is not set, so the {branch_type} branch trains with the denoising loss only")
         distil = False
     examples = load_examples(registry, entry, image_size=image_size, seed=spec.seed, num_samples=options.num_samples,
-                             need_english=distil)
+                             need_english=distil, objects=options.objects)
     settings = {
         "language": code, "branch_type": branch_type, "branch_options": branch_options,
         "backbone": bb.name, "backbone_fingerprint": bb.fingerprint, "backbone_weights": backbone_digest,
@@ -697,8 +698,9 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
     weights, else computed (each process a shard, then gathered) and written there.
 
     The latents depend only on the images and the VAE, not on the language: languages trained on the same
-    scenes (the synthetic world gives every language the same scenes for the same seed) share them through
-    ``<work>/../latents/<key>.safetensors``, so only the first run of a backbone pays for the VAE."""
+    scenes (the synthetic world gives every language the same scenes for the same seed and ``data.objects: all``)
+    share them through ``<work>/../latents/<key>.safetensors``, so only the first run of a backbone pays for the
+    VAE; with ``objects: own`` each language's scenes, and so its latents, are its own."""
     from safetensors.torch import load_file, save, save_file
 
     english = examples.english is not None
