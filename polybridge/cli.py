@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from polybridge import __version__
-from polybridge.registry import Registry, RegistryError, load_registry
+from polybridge.registry import DATA_OBJECTS, Registry, RegistryError, load_registry
 
 EXIT_USAGE = 2
 
@@ -652,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="(entry: checkpoint_every)")
     p.add_argument("--seed", type=int, default=None, help="seed of the data, noise and init (entry: seed)")
     p.add_argument("--num-samples", type=_positive_int, default=None, help="training examples (entry: data.num_samples)")
-    p.add_argument("--objects", choices=["all", "own"], default=None,
+    p.add_argument("--objects", choices=DATA_OBJECTS, default=None,
                    help="synthetic data: scenes draw every object (all; another language's concept is an unnamed "
                         "'object') or the generic shapes plus the language's own concepts (own) (entry: data.objects)")
     p.add_argument("--branch-type", default=None, help="train another branch type than the entry's (bdm, pea); "

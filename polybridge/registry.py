@@ -54,6 +54,9 @@ BACKBONE_ARCHITECTURES: tuple[str, ...] = ("sd1", "sd2")
 
 #: What happens to a prompt in a language whose branch is not trained (see README, "Fallbacks").
 FALLBACKS: tuple[str, ...] = ("zero-branch", "backbone", "error")
+#: What synthetic training scenes draw (``data.objects``, see :class:`DataSpec`).
+DataObjects = Literal["all", "own"]
+DATA_OBJECTS: tuple[str, ...] = typing.get_args(DataObjects)
 
 CODE_PATTERN = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -169,7 +172,7 @@ class DataSpec:
     #: synthetic only: which objects the scenes draw. ``all``: every drawable object (another language's concept
     #: is an unnamed "object" in this language's captions); ``own``: the generic shapes plus this language's
     #: ``synthetic.concepts``, the objects its captions name.
-    objects: Literal["all", "own"] = "all"
+    objects: DataObjects = "all"
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from polybridge.registry import LanguageEntry, Registry, RegistryError
+from polybridge.registry import DATA_OBJECTS, LanguageEntry, Registry, RegistryError
 
 SYNTHETIC = "synthetic"
-#: What ``data.objects`` may say (see :class:`polybridge.registry.DataSpec`).
-OBJECT_POOLS = ("all", "own")
 #: Files that mark a folder written by ``datasets``' ``save_to_disk``.
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -72,8 +70,8 @@ def load_examples(registry: Registry, entry: LanguageEntry, *, image_size: int, 
         raise DataError(f"num_samples must be at least 1, got {n}")
     english_column = data.english_column if need_english else None
     objects = objects or data.objects
-    if objects not in OBJECT_POOLS:
-        raise DataError(f"objects={objects!r} is not valid; valid: {', '.join(OBJECT_POOLS)}")
+    if objects not in DATA_OBJECTS:
+        raise DataError(f"objects={objects!r} is not valid; valid: {', '.join(DATA_OBJECTS)}")
     if data.dataset == SYNTHETIC:
         return _synthetic(registry, entry, n or 20000, seed, image_size, english_column, objects)
     if objects != "all":
@@ -90,7 +88,7 @@ def _synthetic(registry: Registry, entry: LanguageEntry, n: int, seed: int, size
     from polybridge.training.embedded import render_batch, step_seed
 
     data = entry.data
-    assert data is not None
+    assert data is not None and entry.synthetic is not None  # the registry refuses synthetic data without a grammar
     expected = f"caption_{entry.code}"
     if data.caption_column != expected:
         raise RegistryError(entry.file, "data.caption_column", f"synthetic data is captioned in the entry's own "
@@ -108,7 +106,7 @@ def _synthetic(registry: Registry, entry: LanguageEntry, n: int, seed: int, size
     split = data.split
     scene_seed = step_seed(seed, "branch-data", 0)
     # "own": the generic shapes plus the concepts this language names (scenes.sample_scenes' concepts=)
-    concepts = tuple(entry.synthetic.concepts) if objects == "own" and entry.synthetic is not None else None
+    concepts = tuple(entry.synthetic.concepts) if objects == "own" else None
     scenes = sample_scenes(n, scene_seed, split, concepts=concepts)
     captions = [captioner(s, entry.code, caption_rng(scene_seed, split, i, entry.code)) for i, s in enumerate(scenes)]
     english = None
