@@ -116,6 +116,33 @@ def test_distillation_loss_reads_every_block_and_trains_only_the_adapter(compone
     assert set(only) == {"loss", "denoise"}
 
 
+def test_native_only_examples_take_the_denoising_loss_alone(components):
+    """With ``parallel``, the teacher runs on the parallel examples only and each example weighs the same as in a
+    batch of its own kind; a batch with none distils nothing."""
+    unet = copy.deepcopy(components["unet"]).requires_grad_(False)
+    branch = PEABranch.from_unet(unet, 48)
+    perturb_(branch, seed=1, std=0.1)
+    torch.manual_seed(1)
+    noisy, t, target = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900]), torch.randn(3, 4, 8, 8)
+    states, english = torch.randn(3, 16, 48), torch.randn(3, 77, 32)
+    weights = {"denoise": 1.0, "distill_output": 1.0, "distill_features": 0.1}
+
+    def loss(rows, parallel=None):
+        student = branch.unet_inputs(noisy[rows], t[rows], states[rows], None, None)
+        return PEABranch.training_loss(unet, noisy[rows], t[rows], target[rows], student,
+                                       {"encoder_hidden_states": english[rows]}, weights, parallel=parallel)
+
+    mixed = loss([0, 1, 2], torch.tensor([True, False, True]))
+    alone = loss([0, 2])  # the two parallel examples as a batch of their own
+    for part in ("distill_output", "distill_features"):
+        assert torch.allclose(mixed[part], alone[part] * 2 / 3, rtol=1e-5), part
+    assert torch.allclose(mixed["denoise"], loss([0, 1, 2])["denoise"])  # every example denoises
+    none = loss([1], torch.tensor([False]))
+    assert none["distill_output"] == 0 and none["distill_features"] == 0
+    assert torch.allclose(none["loss"], none["denoise"])
+    assert torch.allclose(loss([0, 2], torch.tensor([True, True]))["loss"], alone["loss"])
+
+
 # --------------------------------------------------------------------------- in the pipeline
 
 

@@ -90,6 +90,9 @@ def test_pea_adapter_distils_from_the_english_caption(reg, tmp_path):
     assert info["branch_type"] == "pea" and info["settings"]["data"]["english_column"] == "caption_en"
     branch = Branch.from_pretrained(tmp_path / "out-run")
     assert isinstance(branch, PEABranch) and branch.mlp[-1].weight.abs().sum() > 0
+    cache = load_file(str(tmp_path / "work-run" / "cache" / "cache.safetensors"))
+    n = info["settings"]["data"]["n"]
+    assert cache["parallel"].shape == (n,) and int((cache["parallel"] == 0).sum()) == info["settings"]["data"]["native_only"]
 
 
 def test_stop_and_resume_end_where_an_uninterrupted_run_ends(reg, tmp_path):
@@ -164,6 +167,21 @@ def test_own_objects_draw_the_generic_shapes_and_the_languages_own_concepts(reg,
     assert not any("shared cache" in m for m in messages)
     with pytest.raises(DataError, match="objects='mine' is not valid; valid: all, own"):
         load_examples(reg, reg.language("zh"), image_size=16, seed=0, num_samples=4, objects="mine")
+
+
+def test_a_scene_english_cannot_name_has_no_parallel_caption(reg):
+    """English calls zh's lantern and pagoda "object", which is not a translation: those scenes are native-only."""
+    own = load_examples(reg, reg.language("zh"), image_size=16, seed=0, num_samples=300, objects="own",
+                        need_english=True)
+    concepts = [bool(shapes & {"lantern", "pagoda"}) for shapes in _named_shapes(reg, "zh", own.captions)]
+    assert [e is None for e in own.english] == concepts
+    assert own.description["native_only"] == sum(concepts) and 0.2 * 300 < sum(concepts) < 0.8 * 300
+    english = [e for e in own.english if e is not None]
+    assert english and all(_named_shapes(reg, "en", english))  # each names a shape, not just "object"
+    # a dataset's empty or missing English cell is the same: no parallel caption
+    examples = examples_from_dataset(_dataset(n=3, en=["a red circle", "", None]), caption_column="text",
+                                     english_column="en", image_size=16)
+    assert examples.english == ["a red circle", None, None] and examples.description["native_only"] == 2
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(reg, tmp_path):

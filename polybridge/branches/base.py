@@ -98,12 +98,13 @@ class Branch(ModelMixin, ConfigMixin):
     @staticmethod
     def training_loss(unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor,
                       student: Mapping[str, Any], teacher: Mapping[str, Any] | None,
-                      weights: Mapping[str, float], sample_weights: torch.Tensor | None = None
-                      ) -> dict[str, torch.Tensor]:
+                      weights: Mapping[str, float], sample_weights: torch.Tensor | None = None,
+                      parallel: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The training loss: MSE between the UNet's prediction with the branch (``student``: its
         :meth:`unet_inputs`) and ``target``. ``teacher`` (the UNet's inputs for the English parallel caption)
-        is used by branch types that distil (:attr:`distills`). ``sample_weights``: one weight per example of
-        the denoising MSE (min-SNR; ``None``: all 1). Returns ``{"loss": ..., <parts>: ...}``."""
+        and ``parallel`` (bool per example: it has a parallel caption; ``None``: all do) are used by branch
+        types that distil (:attr:`distills`). ``sample_weights``: one weight per example of the denoising MSE
+        (min-SNR; ``None``: all 1). Returns ``{"loss": ..., <parts>: ...}``."""
         pred = unet(noisy, timesteps, **student, return_dict=False)[0]
         loss = weighted_mse(pred, target, sample_weights)
         return {"loss": loss, "denoise": loss.detach()}

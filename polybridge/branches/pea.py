@@ -12,8 +12,9 @@ then adds only its output bias, an image conditioned on nothing.
 Training (``polybridge train``, see :meth:`PEABranch.training_loss`): the denoising MSE, plus distillation from
 the frozen backbone fed the English parallel caption through its own text encoder (the teacher) on the noise
 prediction and on the hidden states after every down block, the mid block and every up block (forward hooks),
-all features weighted equally, as in PEA-Diffusion (arXiv 2311.17086). Gradients flow through the frozen UNet
-into the adapter.
+all features weighted equally, as in PEA-Diffusion (arXiv 2311.17086). Examples without a parallel caption
+(native-only: PEA's source of culture-specific concepts, which an English teacher cannot draw) take the denoising
+MSE alone. Gradients flow through the frozen UNet into the adapter.
 """
 
 from __future__ import annotations
@@ -116,23 +117,37 @@ class PEABranch(Branch):
     @staticmethod
     def training_loss(unet: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor,
                       student: Mapping[str, Any], teacher: Mapping[str, Any] | None,
-                      weights: Mapping[str, float], sample_weights: torch.Tensor | None = None
-                      ) -> dict[str, torch.Tensor]:
+                      weights: Mapping[str, float], sample_weights: torch.Tensor | None = None,
+                      parallel: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """PEA's loss. ``student``/``teacher``: the UNet keyword arguments of the adapter's context and of the
         backbone's own text encoder on the English parallel caption (``None``: native-only data, denoising
         only). ``weights``: ``denoise`` (MSE to ``target``), ``distill_output`` (MSE to the teacher's noise
         prediction) and ``distill_features`` (sum over blocks of the MSE of their hidden states).
+        ``parallel``: which examples have a parallel caption (bool, ``[batch]``; ``None``: all). The others are
+        native-only: they take the denoising term alone, the teacher is not run on them, and the distillation
+        terms are the mean over the batch with 0 for them (so an example weighs the same in any batch).
         ``sample_weights`` (min-SNR) weight the denoising term only; the distillation terms match the teacher
         at every noise level alike."""
-        if teacher is None:
-            return Branch.training_loss(unet, noisy, timesteps, target, student, None, weights, sample_weights)
+        keep = None if parallel is None or bool(parallel.all()) else parallel.nonzero().squeeze(1)
+        if teacher is None or (keep is not None and len(keep) == 0):
+            parts = Branch.training_loss(unet, noisy, timesteps, target, student, None, weights, sample_weights)
+            if teacher is not None:  # a batch of native-only examples: the same parts as any other batch
+                zero = torch.zeros((), device=parts["loss"].device)
+                parts.update(distill_output=zero, distill_features=zero)
+            return parts
+
+        def rows(x: Any) -> Any:
+            return x if keep is None or not torch.is_tensor(x) or x.ndim == 0 else x[keep.to(x.device)]
+
         with torch.no_grad(), block_outputs(unet) as feats_t:
-            pred_t = unet(noisy, timesteps, **teacher, return_dict=False)[0]
+            pred_t = unet(rows(noisy), rows(timesteps), **{k: rows(v) for k, v in teacher.items()},
+                          return_dict=False)[0]
         with block_outputs(unet) as feats_s:
             pred = unet(noisy, timesteps, **student, return_dict=False)[0]
+        share = 1.0 if keep is None else len(keep) / noisy.shape[0]
         denoise = weighted_mse(pred, target, sample_weights)
-        out = F.mse_loss(pred.float(), pred_t.float())
-        feat = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(feats_s, feats_t, strict=True))
+        out = F.mse_loss(rows(pred).float(), pred_t.float()) * share
+        feat = sum(F.mse_loss(rows(s).float(), t.float()) for s, t in zip(feats_s, feats_t, strict=True)) * share
         loss = weights.get("denoise", 1.0) * denoise + weights.get("distill_output", 1.0) * out \
             + weights.get("distill_features", 0.1) * feat
         return {"loss": loss, "denoise": denoise.detach(), "distill_output": out.detach(),

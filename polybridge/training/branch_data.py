@@ -15,7 +15,11 @@ expected.
 
 The encoders and the VAE are frozen, so each example's latent, its native token states and (for branch types that
 distil) the backbone text encoder's states of its English caption are computed once (:func:`encode_examples`) and
-a training step only indexes them. Native states of prompts that need fewer chunks than the longest are filled up
+a training step only indexes them. An example without a parallel caption (``None``; in a dataset an empty or
+missing cell of ``english_column``) is native-only: its English states are the empty prompt's and ``parallel`` says
+so, and a distilling branch type learns it from the denoising loss alone. In the synthetic world a scene's English
+caption is a parallel caption only when English names every object in it: for a culture-specific concept it says
+"object", which is not a translation, and a teacher fed it cannot draw the concept. Native states of prompts that need fewer chunks than the longest are filled up
 with the empty prompt's chunk, exactly as :meth:`NativeEncoder.encode_with_mask` fills a batch.
 """
 
@@ -48,7 +52,7 @@ class Examples:
 
     n: int
     captions: list[str]
-    english: list[str] | None
+    english: list[str | None] | None  # None in the list: no parallel caption (a native-only example)
     read_images: Callable[[Sequence[int]], torch.Tensor] = field(repr=False)
     description: dict[str, Any] = field(default_factory=dict)
 
@@ -109,9 +113,12 @@ def _synthetic(registry: Registry, entry: LanguageEntry, n: int, seed: int, size
     concepts = tuple(entry.synthetic.concepts) if objects == "own" else None
     scenes = sample_scenes(n, scene_seed, split, concepts=concepts)
     captions = [captioner(s, entry.code, caption_rng(scene_seed, split, i, entry.code)) for i, s in enumerate(scenes)]
-    english = None
+    english: list[str | None] | None = None
     if english_lang is not None:
+        grammar = captioner.grammars[english_lang]
+        # A caption that calls a concept "object" does not translate the scene: native-only (see the module doc).
         english = [captioner(s, english_lang, caption_rng(scene_seed, split, i, english_lang))
+                   if all(grammar.noun_key(o.shape) == o.shape for o in s.objects) else None
                    for i, s in enumerate(scenes)]
 
     def read(indices: Sequence[int]) -> torch.Tensor:
@@ -120,7 +127,13 @@ def _synthetic(registry: Registry, entry: LanguageEntry, n: int, seed: int, size
     return Examples(n=n, captions=captions, english=english, read_images=read,
                     description={"dataset": SYNTHETIC, "split": split, "seed": scene_seed, "n": n, "size": size,
                                  "objects": objects, "concepts": list(concepts) if concepts is not None else None,
-                                 "caption_column": data.caption_column, "english_column": english_column})
+                                 "caption_column": data.caption_column, "english_column": english_column,
+                                 **_native_only(english)})
+
+
+def _native_only(english: Sequence[str | None] | None) -> dict[str, int]:
+    """The description's count of examples without a parallel caption (when there is an English column)."""
+    return {} if english is None else {"native_only": sum(e is None for e in english)}
 
 
 def open_dataset(entry: LanguageEntry) -> Any:
@@ -178,7 +191,8 @@ def examples_from_dataset(ds: Any, *, caption_column: str, image_column: str = "
     if num_samples is not None and num_samples < len(ds):
         ds = ds.select(range(num_samples))
     captions = _texts(ds[caption_column], name, caption_column)
-    english = _texts(ds[english_column], name, english_column) if english_column else None
+    english = [e or None for e in _texts(ds[english_column], name, english_column, missing_ok=True)] \
+        if english_column else None
     images = ds.select_columns([image_column])
 
     def read(indices: Sequence[int]) -> torch.Tensor:
@@ -188,12 +202,14 @@ def examples_from_dataset(ds: Any, *, caption_column: str, image_column: str = "
     read([0])  # a wrong size or mode fails now, before anything is loaded
     return Examples(n=len(ds), captions=captions, english=english, read_images=read,
                     description={"dataset": name, "n": len(ds), "size": image_size, "caption_column": caption_column,
-                                 "english_column": english_column, "fingerprint": getattr(ds, "_fingerprint", None)})
+                                 "english_column": english_column, "fingerprint": getattr(ds, "_fingerprint", None),
+                                 **_native_only(english)})
 
 
-def _texts(values: Sequence[Any], name: str, column: str) -> list[str]:
+def _texts(values: Sequence[Any], name: str, column: str, missing_ok: bool = False) -> list[Any]:
+    """The column's values, checked to be text (``missing_ok``: or None, kept as None)."""
     for i, value in enumerate(values):
-        if not isinstance(value, str):
+        if not isinstance(value, str) and not (missing_ok and value is None):
             raise DataError(f"{name}: row {i}: column {column!r} holds {type(value).__name__} {value!r}, not text")
     return list(values)
 
@@ -232,6 +248,7 @@ class EncodedExamples:
     empty_states: torch.Tensor        # (1, chunk_length, native width): the native encoder's ""
     empty_context: torch.Tensor       # (1, L, backbone width): the backbone text encoder's ""
     english: torch.Tensor | None = None  # (n, L, backbone width): the English parallel captions
+    parallel: torch.Tensor | None = None  # (n,) uint8: 1 where the example has a parallel caption (with english)
 
     @property
     def chunk_length(self) -> int:
@@ -242,12 +259,14 @@ class EncodedExamples:
                "empty_states": self.empty_states, "empty_context": self.empty_context}
         if self.english is not None:
             out["english"] = self.english
+        if self.parallel is not None:
+            out["parallel"] = self.parallel
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> EncodedExamples:
         return cls(**{k: tensors.get(k) for k in ("latents", "states", "chunks", "empty_states", "empty_context",
-                                                  "english")})
+                                                  "english", "parallel")})
 
 
 def chunk_counts(encoder: Any, captions: Sequence[str]) -> list[int]:
@@ -262,7 +281,7 @@ def encode_examples(examples: Examples, indices: Sequence[int], *, vae: Any, enc
     captions, for the examples at ``indices`` (tensors on CPU in ``dtype``; chunk counts as int64).
     With ``vae=None`` the images are not read and no latents are returned (they come from a shared cache)."""
     filler = encoder.encode([""]).to(device=device, dtype=dtype)
-    out: dict[str, list[torch.Tensor]] = {"latents": [], "states": [], "chunks": [], "english": []}
+    out: dict[str, list[torch.Tensor]] = {"latents": [], "states": [], "chunks": [], "english": [], "parallel": []}
     for start in range(0, len(indices), batch_size):
         idx = list(indices[start:start + batch_size])
         if vae is not None:
@@ -281,8 +300,10 @@ def encode_examples(examples: Examples, indices: Sequence[int], *, vae: Any, enc
         out["chunks"].append(torch.tensor(chunk_counts(encoder, captions), dtype=torch.int64))
         if english:
             assert examples.english is not None
-            eng = encode_backbone_text(tokenizer, text_encoder, [examples.english[i] for i in idx], device)
+            texts = [examples.english[i] for i in idx]
+            eng = encode_backbone_text(tokenizer, text_encoder, [t or "" for t in texts], device)
             out["english"].append(eng.to(dtype).cpu())
+            out["parallel"].append(torch.tensor([t is not None for t in texts], dtype=torch.uint8))
         if progress is not None:
             progress(len(idx))
     return {k: torch.cat(v) for k, v in out.items() if v}

@@ -676,19 +676,24 @@ def _step_loss(model: Any, unwrapped: Any, branch_cls: Any, frozen: _Frozen, enc
     student = {k: (v.to(weight_dtype) if torch.is_tensor(v) and v.is_floating_point()
                    else tuple(r.to(weight_dtype) for r in v) if isinstance(v, tuple) else v)
                for k, v in student.items()}
-    teacher = None
+    teacher, parallel_rows = None, None
     if distil:
         assert encoded.english is not None
         eng = encoded.english[idx]
         if drop.any():
             eng[drop] = encoded.empty_context.to(eng.dtype)
         teacher = {"encoder_hidden_states": eng.to(device=device, dtype=weight_dtype)}
+        if encoded.parallel is not None:
+            # a dropped caption is "" for teacher and student alike: a parallel pair
+            parallel = (encoded.parallel[idx] > 0) | drop
+            if not bool(parallel.all()):
+                parallel_rows = parallel.to(device)
     sample_weights = None
     if spec.snr_gamma is not None:
         snr = timestep_snr(sched.alphas_cumprod, timesteps)
         sample_weights = min_snr_weights(snr, spec.snr_gamma, sched.config.prediction_type)
     return branch_cls.training_loss(frozen.unet, noisy.to(weight_dtype), timesteps, target, student, teacher, weights,
-                                    sample_weights)
+                                    sample_weights, parallel=parallel_rows)
 
 
 def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path, settings: dict,
@@ -710,7 +715,7 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
                      "text_encoder": weights_digest(frozen.text_encoder) if english else None,
                      "english": english, "dtype": str(dtype), "max_length": frozen.encoder.max_length,
                      "hidden_layer": frozen.encoder.hidden_layer})
-    images = {k: v for k, v in settings["data"].items() if k not in ("caption_column", "english_column")}
+    images = {k: v for k, v in settings["data"].items() if k not in ("caption_column", "english_column", "native_only")}
     latent_key = cache_key({"images": images, "vae": vae_digest, "dtype": str(dtype)})
     file = work / CACHE_DIR / CACHE_FILE
     latent_file = work.parent / LATENT_DIR / f"{latent_key}.safetensors"
