@@ -39,8 +39,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_two_cpu_processes_train_disjoint_shards_to_identical_weights(tmp_path):
     registry = registry_with_tiny_backbone(tmp_path / "repo")
     # lr pinned: the all-reduce sums gradients in another order than one process does, and Adam turns those
-    # last-bit differences into weight differences that grow with the learning rate (the entries' 5e-4 gives
-    # more than the 1e-6 checked below after 3 steps; what is tested here is the sharding and the sync).
+    # last-bit differences into weight differences that grow with the learning rate (what is tested here is the
+    # sharding and the sync).
     train = ["--steps", "3", "--batch-size", "8", "--lr", "1e-4", "--log-data-order", *COMMON]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -63,7 +63,9 @@ def test_two_cpu_processes_train_disjoint_shards_to_identical_weights(tmp_path):
         assert a + b == one["steps"][step]
     assert ranks[0]["weights"] == ranks[1]["weights"], "the ranks hold different branch weights"
     two, ref = _weights(tmp_path / "out2"), _weights(tmp_path / "out1")
-    assert all(torch.allclose(two[k], ref[k], atol=1e-6) for k in ref)
+    # An Adam step moves a weight by up to about lr (1e-4), so a wrong gradient shows at that size; the reduction
+    # order alone gave up to 1.6e-6 after 3 steps (zh's objects: own scenes), so 1e-5 is a tenth of one step.
+    assert all(torch.allclose(two[k], ref[k], rtol=0, atol=1e-5) for k in ref)
     assert single["processes"] == 1
 
 

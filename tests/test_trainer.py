@@ -116,13 +116,14 @@ def test_stop_and_resume_end_where_an_uninterrupted_run_ends(reg, tmp_path):
 
 
 def test_languages_share_the_latents_of_the_same_scenes(reg, tmp_path):
-    first = _opts(tmp_path / "shared", "zh", max_steps=1)
+    """With objects: all every language's scenes are the same, so their latents are computed once."""
+    first = _opts(tmp_path / "shared", "zh", max_steps=1, objects="all")
     train_language(reg, "zh", first, log=_quiet)
     messages = []
-    second = _opts(tmp_path / "shared", "ja", max_steps=1, save_dtype="float16")
+    second = _opts(tmp_path / "shared", "ja", max_steps=1, save_dtype="float16", objects="all")
     train_language(reg, "ja", second, log=messages.append)
     assert any("latents read from the shared cache" in m for m in messages)
-    alone = _opts(tmp_path / "alone", "ja", max_steps=1, save_dtype="float16")
+    alone = _opts(tmp_path / "alone", "ja", max_steps=1, save_dtype="float16", objects="all")
     messages = []
     train_language(reg, "ja", alone, log=messages.append)
     assert not any("shared cache" in m for m in messages)
@@ -150,7 +151,7 @@ def _named_shapes(reg, code: str, captions: list[str]) -> list[set[str]]:
 
 
 def test_own_objects_draw_the_generic_shapes_and_the_languages_own_concepts(reg, tmp_path):
-    everything = load_examples(reg, reg.language("zh"), image_size=16, seed=0, num_samples=300)
+    everything = load_examples(reg, reg.language("zh"), image_size=16, seed=0, num_samples=300, objects="all")
     own = load_examples(reg, reg.language("zh"), image_size=16, seed=0, num_samples=300, objects="own")
     named_all, named_own = (_named_shapes(reg, "zh", e.captions) for e in (everything, own))
     # every drawable object: most scenes show only another language's concepts, which zh leaves unnamed
