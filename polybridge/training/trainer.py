@@ -685,9 +685,7 @@ def _step_loss(model: Any, unwrapped: Any, branch_cls: Any, frozen: _Frozen, enc
         teacher = {"encoder_hidden_states": eng.to(device=device, dtype=weight_dtype)}
         if encoded.parallel is not None:
             # a dropped caption is "" for teacher and student alike: a parallel pair
-            parallel = (encoded.parallel[idx] > 0) | drop
-            if not bool(parallel.all()):
-                parallel_rows = parallel.to(device)
+            parallel_rows = ((encoded.parallel[idx] > 0) | drop).to(device)
     sample_weights = None
     if spec.snr_gamma is not None:
         snr = timestep_snr(sched.alphas_cumprod, timesteps)
