@@ -19,8 +19,9 @@ a training step only indexes them. An example without a parallel caption (``None
 missing cell of ``english_column``) is native-only: its English states are the empty prompt's and ``parallel`` says
 so, and a distilling branch type learns it from the denoising loss alone. In the synthetic world a scene's English
 caption is a parallel caption only when English names every object in it: for a culture-specific concept it says
-"object", which is not a translation, and a teacher fed it cannot draw the concept. Native states of prompts that need fewer chunks than the longest are filled up
-with the empty prompt's chunk, exactly as :meth:`NativeEncoder.encode_with_mask` fills a batch.
+"object", which is not a translation, and a teacher fed it cannot draw the concept. Native states of prompts that
+need fewer chunks than the longest are filled up with the empty prompt's chunk, exactly as
+:meth:`NativeEncoder.encode_with_mask` fills a batch.
 """
 
 from __future__ import annotations
@@ -257,10 +258,7 @@ class EncodedExamples:
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"latents": self.latents, "states": self.states, "chunks": self.chunks,
                "empty_states": self.empty_states, "empty_context": self.empty_context}
-        if self.english is not None:
-            out["english"] = self.english
-        if self.parallel is not None:
-            out["parallel"] = self.parallel
+        out.update({k: v for k, v in (("english", self.english), ("parallel", self.parallel)) if v is not None})
         return out
 
     @classmethod
