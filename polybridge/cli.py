@@ -348,6 +348,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 
 
+def _branch_options(pairs: list[str]) -> dict[str, Any]:
+    """``["hidden_size=768", "bias=true"]`` -> ``{"hidden_size": 768, "bias": True}`` (values read as YAML)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"--branch-option {pair!r}: write KEY=VALUE, e.g. hidden_size=768")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -376,8 +389,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, ema=args.ema,
         checkpoint_every=args.checkpoint_every, seed=args.seed, snr_gamma=args.snr_gamma, num_samples=args.num_samples,
         objects=args.objects,
-        branch_type=args.branch_type, backbone=args.backbone, work_dir=args.work, out_dir=args.out,
-        init_from=args.init_from, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
+        branch_type=args.branch_type, branch_options=_branch_options(args.branch_option), backbone=args.backbone,
+        work_dir=args.work, out_dir=args.out, init_from=args.init_from, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
         stop_at=args.stop_at, progress=not args.no_progress, log_data_order=args.log_data_order,
         save_dtype=args.save_dtype,
     )
@@ -657,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'object') or the generic shapes plus the language's own concepts (own) (entry: data.objects)")
     p.add_argument("--branch-type", default=None, help="train another branch type than the entry's (bdm, pea); "
                                                        "give --out too")
+    p.add_argument("--branch-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a branch option, over the entry's branch.options (which apply to the entry's own type "
+                        "only); repeatable, e.g. --branch-option hidden_size=768 (pea: hidden_size, num_layers, bias)")
     p.add_argument("--backbone", default=None, help="backbone name in registry.yaml (default: default_backbone)")
     p.add_argument("--out", type=Path, default=None, help="where the branch goes (default: the entry's branch.weights)")
     p.add_argument("--work", type=Path, default=None,

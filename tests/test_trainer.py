@@ -86,10 +86,13 @@ def test_bdm_branch_from_the_entry_with_a_frozen_backbone(reg, tmp_path):
 
 
 def test_pea_adapter_distils_from_the_english_caption(reg, tmp_path):
-    info = train_language(reg, "ja", _opts(tmp_path, branch_type="pea"), log=_quiet)
+    opts = _opts(tmp_path, branch_type="pea", branch_options={"hidden_size": 40})
+    info = train_language(reg, "ja", opts, log=_quiet)
     assert info["branch_type"] == "pea" and info["settings"]["data"]["english_column"] == "caption_en"
+    assert info["settings"]["branch_options"] == {"hidden_size": 40}
     branch = Branch.from_pretrained(tmp_path / "out-run")
     assert isinstance(branch, PEABranch) and branch.mlp[-1].weight.abs().sum() > 0
+    assert branch.config.hidden_size == 40 and branch.mlp[0].weight.shape == (40, 96)
     cache = load_file(str(tmp_path / "work-run" / "cache" / "cache.safetensors"))
     n = info["settings"]["data"]["n"]
     assert cache["parallel"].shape == (n,) and int((cache["parallel"] == 0).sum()) == info["settings"]["data"]["native_only"]
@@ -405,6 +408,13 @@ def test_cli_train_all_and_bad_flags(registry_file, tmp_path, capsys):
     assert main(["--registry", str(registry_file), "train", "--lang", "zh", "--branch-type", "lora",
                  "--out", str(tmp_path / "x")]) == 2
     assert "unknown branch type 'lora'" in capsys.readouterr().err
+    pea = ["--registry", str(registry_file), "train", "--lang", "zh", "--branch-type", "pea", "--out", str(tmp_path / "p")]
+    assert main([*pea, "--branch-option", "width=8"]) == 2
+    assert "--branch-option width: unknown option for a pea branch; valid: hidden_size, num_layers, bias" \
+        in capsys.readouterr().err
+    assert main([*pea, "--branch-option", "hidden_size"]) == 2
+    assert "write KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
 
 
 def test_tensorboard_tracker(reg, tmp_path):

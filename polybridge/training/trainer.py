@@ -37,7 +37,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +102,7 @@ class TrainOptions:
     num_samples: int | None = None
     objects: str | None = None  # synthetic data: "all" or "own" (entry: data.objects)
     branch_type: str | None = None
+    branch_options: Mapping[str, Any] | None = None  # added to (and overriding) the entry's branch.options
     backbone: str | None = None
     work_dir: Path | None = None
     out_dir: Path | None = None
@@ -278,7 +279,10 @@ def _build_branch(branch_cls: Any, entry: LanguageEntry, unet: Any, encoder: Any
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            branch = branch_cls.from_unet(unet, encoder.hidden_size, encoder_name=entry.encoder.source, **options)
+            try:
+                branch = branch_cls.from_unet(unet, encoder.hidden_size, encoder_name=entry.encoder.source, **options)
+            except (TypeError, ValueError) as exc:
+                raise TrainingError(f"{branch_cls.branch_type} branch options {options}: {exc}") from None
     torch.nn.Module.to(branch, dtype=torch.float32)
     branch.requires_grad_(True)
     branch.train()
@@ -322,6 +326,13 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
     if unknown:
         raise RegistryError(entry.file, f"branch.options.{unknown[0]}", f"unknown option for a {branch_type} branch",
                             valid=branch_cls.option_keys)
+    unknown = sorted(set(options.branch_options or {}) - set(branch_cls.option_keys))
+    if unknown:
+        raise TrainingError(f"--branch-option {unknown[0]}: unknown option for a {branch_type} branch; valid: "
+                            f"{', '.join(branch_cls.option_keys) or '(none)'}")
+    if options.branch_options and options.init_from is not None:
+        raise TrainingError("--branch-option with --init-from: the saved branch's config.json fixes its options")
+    branch_options.update(options.branch_options or {})
     out = options.out_dir if options.out_dir is not None else entry.branch_source
     if out is None:
         raise RegistryError(entry.file, "branch.weights", "is null, so there is nowhere to write the branch; "
