@@ -390,7 +390,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, seed=args.seed, snr_gamma=args.snr_gamma, num_samples=args.num_samples,
         objects=args.objects,
         branch_type=args.branch_type, branch_options=_branch_options(args.branch_option), backbone=args.backbone,
-        work_dir=args.work, out_dir=args.out, init_from=args.init_from, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
+        work_dir=args.work, out_dir=args.out, init_from=args.init_from, resume=args.resume, overwrite=args.overwrite,
+        report_to=args.report_to,
         stop_at=args.stop_at, progress=not args.no_progress, log_data_order=args.log_data_order,
         save_dtype=args.save_dtype,
     )
