@@ -414,6 +414,11 @@ def test_cli_train_all_and_bad_flags(registry_file, tmp_path, capsys):
         in capsys.readouterr().err
     assert main([*pea, "--branch-option", "hidden_size"]) == 2
     assert "write KEY=VALUE" in capsys.readouterr().err
+    assert main([*pea, "--branch-option", "hidden_size=8", "--init-from", str(tmp_path / "saved")]) == 2
+    assert "--branch-option with --init-from" in capsys.readouterr().err
+    # A bad value is caught when the branch is built, right after the models load and before any data is encoded.
+    assert main([*pea, "--branch-option", "hidden_size=abc", "--work", str(tmp_path / "w")]) == 2
+    assert "pea branch options {'hidden_size': 'abc'}: invalid literal" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
 
 
