@@ -1,0 +1,44 @@
+"""The training-throughput benchmark runs end to end (a few tiny steps) for both branch types.
+
+It is not timed here: timing is the benchmark's job, on a quiet machine. This only keeps the script from rotting:
+both loops must train, on the same examples, and the figures it prints must be the ones it computed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"perf_{name}", REPO / "benchmarks" / "perf" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("branch_type", ["bdm", "pea"])
+def test_train_throughput_runs_both_loops(branch_type, capsys):
+    throughput = _load("train_throughput")
+    assert throughput.main(["--branch-type", branch_type, "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                            "--num-samples", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["branch_type"] == branch_type and result["examples"] == 16
+    assert result["polybridge_samples_per_s"] > 0 and result["diffusers_style_samples_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["polybridge_samples_per_s"]
+                                            / result["diffusers_style_samples_per_s"], rel=0.02)
+    # encoding a batch is one part of a diffusers-style step (the branch, UNet and optimizer are the rest)
+    assert 0 < result["diffusers_style_encode_ms"] < result["diffusers_style_step_ms"]
+    assert result["caching_ceiling"] > 1
+
+
+def test_train_throughput_flags_are_checked():
+    throughput = _load("train_throughput")
+    with pytest.raises(SystemExit):
+        throughput.main(["--backbone", "x", "--sd15"])
+    with pytest.raises(SystemExit):
+        throughput.main(["--steps", "0"])
