@@ -42,3 +42,16 @@ def test_train_throughput_flags_are_checked():
         throughput.main(["--backbone", "x", "--sd15"])
     with pytest.raises(SystemExit):
         throughput.main(["--steps", "0"])
+
+
+def test_train_step_variants_time_every_variant(capsys):
+    variants = _load("train_step_variants")
+    assert variants.main(["--variants", "plain", "channels_last", "--batch-size", "2", "--rounds", "2",
+                          "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "plain" in out and "channels_last" in out and "1.00x of plain" in out
+    assert variants.main(["--attention", "--batch-size", "2", "--rounds", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "latent" in line]
+    assert len(rows) == 3 and all(float(x) > 0 for row in rows for x in row[-3:])
+    with pytest.raises(SystemExit):
+        variants.main(["--variants", "fast"])

@@ -25,9 +25,13 @@ UNet 64/128 channels, CLIP text encoder 64 wide) with random weights, and the co
 timing does not depend on the weights. Wall-clock and this process's CPU time are both reported; on a loaded machine
 the CPU-time ratio is the fairer one.
 
-Measured (one thread, ``nice -n 19`` on a loaded 2-core machine; runs swing by about +-0.2x with the load): bdm 1.20x
-and, with ``--steps 40``, 1.52x in CPU time (the trainer before its K/V cache and fused AdamW: 1.15-1.39x); pea 1.22x
-and 1.04x (before: 1.13-1.23x). The 1.6x target is not reached on a CPU.
+After the timed steps the diffusers-style side encodes the same batches again on their own: that part of its step
+is what caching removes, so ``step / (step - encoding)`` is the most caching alone can give (the "ceiling").
+
+Measured on 2026-11-25, one thread, an otherwise idle 2-core CPU: bdm 1.21x (ceiling 1.17x), pea 1.21x (1.20x),
+bdm with two threads 1.22x (1.16x), bdm with both sides in bf16 1.13x (1.10x), SD 1.5's architecture (``--sd15
+--batch-size 1 --warmup 1 --steps 2 --num-samples 4``) 1.43x (1.40x). The 1.6x target is not reached on a CPU: the
+encoders are 10-29% of a diffusers-style step there. The README's "Training a branch" has the table.
 """
 
 from __future__ import annotations
