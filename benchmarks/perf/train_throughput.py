@@ -160,6 +160,7 @@ def run_diffusers_style(registry, lang: str, args) -> dict:
     from polybridge.encoders import load_encoder
     from polybridge.training.branch_data import load_examples
     from polybridge.training.embedded import images_to_tensor
+    from polybridge.training.trainer import unet_inputs_to
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -233,10 +234,7 @@ def run_diffusers_style(registry, lang: str, args) -> dict:
         target = noise if scheduler.config.prediction_type == "epsilon" else \
             scheduler.get_velocity(latents, noise, timesteps)
         with autocast:
-            student = branch.unet_inputs(noisy, timesteps, native, mask, backbone_states)
-            student = {k: tuple(r.to(weight_dtype) for r in v) if isinstance(v, tuple) else
-                       v.to(weight_dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-                       for k, v in student.items()}
+            student = unet_inputs_to(branch.unet_inputs(noisy, timesteps, native, mask, backbone_states), weight_dtype)
             if distil:
                 loss = branch_cls.training_loss(bb.unet, noisy.to(weight_dtype), timesteps, target, student, teacher,
                                                 weights, parallel=parallel)["loss"]
@@ -279,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=512, help="training examples (default 512)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                        help="both sides (default no); fp16 needs a GPU, bf16 a GPU or a CPU with bf16 units, else fp32")
+                        help="both sides (default no); fp16 needs a GPU, bf16 a GPU or a CPU with bf16 units, "
+                        "else fp32")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if args.backbone is not None and args.sd15:
@@ -326,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"backbone: {result['backbone']}; language {args.lang}, branch {result['branch_type']}, batch "
-          f"{args.batch_size}, {args.steps} timed steps after {args.warmup}, {result['device']}, {args.threads} thread(s), "
-          f"mixed precision {args.mixed_precision}")
+          f"{args.batch_size}, {args.steps} timed steps after {args.warmup}, {result['device']}, "
+          f"{args.threads} thread(s), mixed precision {args.mixed_precision}")
     print(f"  polybridge trainer (encodings cached):   {result['polybridge_samples_per_s']:>8} samples/s  "
           f"({result['polybridge_samples_per_cpu_s']} per CPU-second)")
     print(f"  diffusers-style loop (nothing cached):   {result['diffusers_style_samples_per_s']:>8} samples/s  "

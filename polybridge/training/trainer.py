@@ -683,10 +683,7 @@ def _step_loss(model: Any, unwrapped: Any, branch_cls: Any, frozen: _Frozen, enc
     context = backbone_context.expand(len(indices), -1, -1)
     student = unwrapped.unet_inputs(noisy.to(branch_dtype), timesteps, states.to(device=device, dtype=branch_dtype),
                                     mask, context, call=model)
-    # The branch trains in fp32; the frozen UNet reads what it gives in its own dtype (as diffusers' ControlNet script).
-    student = {k: (v.to(weight_dtype) if torch.is_tensor(v) and v.is_floating_point()
-                   else tuple(r.to(weight_dtype) for r in v) if isinstance(v, tuple) else v)
-               for k, v in student.items()}
+    student = unet_inputs_to(student, weight_dtype)
     teacher, parallel_rows = None, None
     if distil:
         assert encoded.english is not None
@@ -703,6 +700,15 @@ def _step_loss(model: Any, unwrapped: Any, branch_cls: Any, frozen: _Frozen, enc
         sample_weights = min_snr_weights(snr, spec.snr_gamma, sched.config.prediction_type)
     return branch_cls.training_loss(frozen.unet, noisy.to(weight_dtype), timesteps, target, student, teacher, weights,
                                     sample_weights, parallel=parallel_rows)
+
+
+def unet_inputs_to(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """A branch's UNet keyword arguments with their floating tensors (and tuples of them, the residuals) in ``dtype``.
+    The branch trains in fp32; the frozen UNet reads what it gives in its own dtype (as diffusers' ControlNet
+    script)."""
+    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point()
+                else tuple(r.to(dtype) for r in v) if isinstance(v, tuple) else v)
+            for k, v in inputs.items()}
 
 
 def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path, settings: dict,
