@@ -29,9 +29,9 @@ def test_train_throughput_runs_both_loops(branch_type, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["branch_type"] == branch_type and result["examples"] == 16
     assert result["polybridge_samples_per_s"] > 0 and result["diffusers_style_samples_per_s"] > 0
-    # the rates are printed to 3 significant digits, the ratio to 2 decimals
-    assert result["ratio"] == pytest.approx(result["polybridge_samples_per_s"]
-                                            / result["diffusers_style_samples_per_s"], rel=0.015, abs=0.006)
+    # the rates are printed to 3 significant digits (0.5% each at most), the ratio to 2 decimals
+    from_rates = result["polybridge_samples_per_s"] / result["diffusers_style_samples_per_s"]
+    assert abs(result["ratio"] - from_rates) <= 0.0101 * from_rates + 0.0051
     # encoding a batch is one part of a diffusers-style step (the branch, UNet and optimizer are the rest)
     assert 0 < result["diffusers_style_encode_ms"] < result["diffusers_style_step_ms"]
     assert result["caching_ceiling"] > 1
