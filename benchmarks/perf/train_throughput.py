@@ -30,8 +30,8 @@ is what caching removes, so ``step / (step - encoding)`` is the most caching alo
 
 Measured on 2026-11-25, one thread, an otherwise idle 2-core CPU: bdm 1.21x (ceiling 1.17x), pea 1.21x (1.20x), bdm
 with two threads 1.22x (1.16x), bdm with both sides in bf16 1.13x (1.10x), SD 1.5's architecture (``--sd15
---batch-size 1 --warmup 1 --steps 2 --num-samples 4``) 1.43x (1.40x), and the same in bf16 (one timed step) 1.43x
-(1.27x). The 1.6x target is not reached on a CPU: the encoders are 10-29% of a diffusers-style step there. The
+--batch-size 1 --warmup 1 --steps 2 --num-samples 4``) 1.43x (1.40x), and the same in bf16 (``--steps 3``) 1.37x
+(1.32x). The 1.6x target is not reached on a CPU: the encoders are 10-29% of a diffusers-style step there. The
 README's "Training a branch" has the table.
 """
 
