@@ -1,7 +1,8 @@
-"""The training-throughput benchmark runs end to end (a few tiny steps) for both branch types.
+"""The training perf scripts run end to end on a few tiny steps: the throughput benchmark for both branch types,
+and the step-variants one.
 
-It is not timed here: timing is the benchmark's job, on a quiet machine. This only keeps the script from rotting:
-both loops must train, on the same examples, and the figures it prints must be the ones it computed."""
+Nothing is timed here: timing is the benchmarks' job, on a quiet machine. This only keeps the scripts from rotting:
+both loops must train, on the same examples, and the figures printed must be the ones computed."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_train_throughput_flags_are_checked():
 
 def test_train_step_variants_time_every_variant(capsys):
     variants = _load("train_step_variants")
-    assert variants.main(["--variants", "plain", "channels_last", "--batch-size", "2", "--rounds", "2",
+    assert variants.main(["--variants", "plain", "channels_last", "bf16", "--batch-size", "2", "--rounds", "2",
                           "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "plain" in out and "channels_last" in out and "1.00x of plain" in out

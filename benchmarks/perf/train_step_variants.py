@@ -13,7 +13,8 @@ to ``plain``.
 
 - ``plain``: the models as the trainer runs them (fp32, contiguous NCHW tensors).
 - ``channels_last``: branch, UNet and latents in the channels-last memory format.
-- ``bf16``: the forward under ``torch.autocast(dtype=bfloat16)`` (the trainer's ``mixed_precision: bf16``).
+- ``bf16``: as the trainer's ``mixed_precision: bf16``: the frozen UNet cast to bfloat16, the branch in fp32, the
+  forward under ``torch.autocast(dtype=bfloat16)``.
 - ``compile``: the forward (branch, UNet, loss) through ``torch.compile``; its compile time is printed apart.
 
 Default backbone: the embedded default's architecture with random weights (as ``train_throughput.py``); timing does
@@ -42,16 +43,22 @@ VARIANTS = ("plain", "channels_last", "bf16", "compile")
 
 def _step_fn(variant: str, branch: torch.nn.Module, unet: torch.nn.Module, states: torch.Tensor,
              context: torch.Tensor, timesteps: torch.Tensor):
+    from polybridge.training.trainer import unet_inputs_to
+
     branch = copy.deepcopy(branch)
     if variant == "channels_last":
         branch = branch.to(memory_format=torch.channels_last)
         unet = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    # bf16 as the trainer runs it: the frozen UNet (and its context) in bf16, the branch in fp32 under autocast
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    if variant == "bf16":
+        unet, context = copy.deepcopy(unet).to(dtype), context.to(dtype)
     optimizer = torch.optim.AdamW(branch.parameters(), lr=1e-4, fused=True)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
-            inputs = branch.unet_inputs(x, timesteps, states, None, context)
-            pred = unet(x, timesteps, **inputs).sample
+            inputs = unet_inputs_to(branch.unet_inputs(x, timesteps, states, None, context), dtype)
+            pred = unet(x.to(dtype), timesteps, **inputs).sample
         return F.mse_loss(pred.float(), x.float())
 
     if variant == "compile":
