@@ -7,8 +7,12 @@ UNet's down and mid blocks, while the backbone's text encoder reads ``english_pr
 default, as BDM trains it). Classifier-free guidance runs the negative prompt through both paths:
 ``""`` to the backbone's text encoder, the native negative prompt to the branch, as BDM's released
 script does. All rows of one call share one backbone UNet call per step; each branch runs on its rows.
-A ``context`` branch (pea) instead replaces the backbone's text states on its rows by its adapter's output
-(followed by the backbone's states of ``english_prompt`` when that is not empty); it runs once per call.
+A pea branch instead replaces the backbone's text states on its rows by its adapter's output (followed by the
+backbone's states of ``english_prompt`` when that is not empty); it runs once per call. The pipeline does not know
+branch types: every source (the backbone's prompt encoding, its size conditioning, each branch) gives a
+:class:`~polybridge.conditioning.Conditioning` and :func:`~polybridge.conditioning.compose` makes the UNet's inputs,
+as in the trainer; a branch whose conditioning depends on the noisy sample (``step_dependent``) runs at every step.
+The backbone's family (:mod:`polybridge.backbones`: ``sd``, ``sdxl``) encodes the English text and calls the UNet.
 
 Everything on the backbone side is Stable Diffusion's own computation, so with an untrained
 (zero-output) branch the pipeline gives exactly what ``StableDiffusionPipeline`` gives for ``""``.
@@ -42,8 +46,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from polybridge.backbone import Backbone, load_backbone
+from polybridge.backbones import Backbone, BackboneError, family_of_unet, get_family, load_backbone
 from polybridge.branches import Branch, get_branch_class, load_branch
+from polybridge.conditioning import Conditioning, compose, concat
 from polybridge.encoders import NativeEncoder, load_encoder
 from polybridge.registry import LanguageEntry, Registry, RegistryError, load_registry
 from polybridge.router import RoutePlan, Router
@@ -104,11 +109,10 @@ class _Row:
 @dataclass
 class _BranchRows:
     code: str
-    rows: torch.Tensor  # indices into the (CFG-doubled) batch
+    rows: torch.Tensor | None  # indices into the (CFG-doubled) batch; None: every row
     states: torch.Tensor
     mask: torch.Tensor | None
     scale: float
-    covers_batch: bool
 
 
 class PolyBridgePipeline(DiffusionPipeline):
@@ -121,14 +125,25 @@ class PolyBridgePipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["encoders", "branches"]
+    _optional_components = ["encoders", "branches", "text_encoder_2", "tokenizer_2"]
 
     def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any,
                  encoders: LanguageModules | None = None, branches: LanguageModules | None = None,
-                 backbone_language: str = "en"):
+                 backbone_language: str = "en", text_encoder_2: Any = None, tokenizer_2: Any = None):
         super().__init__()
+        family = family_of_unet(unet)
+        if family is None:
+            raise BackboneError("PolyBridgePipeline: the UNet belongs to no known backbone family (its config has "
+                                f"addition_embed_type={unet.config.get('addition_embed_type')!r}); known: "
+                                "sd (SD 1.x/2.x), sdxl")
+        self.family = get_family(family)
+        given = {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2}
+        missing = [name for name in self.family.component_names() if name in given and given[name] is None]
+        if missing:
+            raise BackboneError(f"PolyBridgePipeline: an {family} backbone needs {', '.join(missing)}")
+        # SDXL's second text side; None on the other families (as diffusers' optional components are)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              encoders=LanguageModules(), branches=LanguageModules())
+                              encoders=LanguageModules(), branches=LanguageModules(), **given)
         self.register_to_config(backbone_language=backbone_language)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -154,7 +169,7 @@ class PolyBridgePipeline(DiffusionPipeline):
         native encoder and branch. A language without trained branch weights follows its ``fallback``.
 
         ``backbone`` is a backbone name from the registry (default: ``default_backbone``) or an
-        already loaded :class:`~polybridge.backbone.Backbone`.
+        already loaded :class:`~polybridge.backbones.Backbone`.
         """
         if not isinstance(registry, Registry):
             registry = load_registry(registry)
@@ -199,16 +214,11 @@ class PolyBridgePipeline(DiffusionPipeline):
             self.add_language(code, scale=spec.scale, trained=False)
             return
         branch_cls = get_branch_class(spec.type)
-        unknown = sorted(set(spec.options) - set(branch_cls.option_keys))
-        if unknown:
-            raise RegistryError(entry.file, f"branch.options.{unknown[0]}", f"unknown option for a {spec.type} branch",
-                                valid=branch_cls.option_keys)
+        branch_cls.check_options(spec.options, where=f"{entry.file}: branch.options.")
         encoder = load_encoder(entry, torch_dtype=torch_dtype)
         branch = branch_cls.from_unet(self.unet, encoder.hidden_size, encoder_name=entry.encoder.source, **spec.options)
-        effect = ("the image is the backbone's for the English prompt, \"\" by default" if branch.kind == "residual"
-                  else "the backbone reads an empty context")
         warnings.warn(f"{untrained}. It is UNTRAINED: it runs a zero-initialised branch, so its prompts have no "
-                      f"effect ({effect}); {TRAIN_HINT.format(code=code)}", stacklevel=3)
+                      f"effect ({branch.untrained_effect}); {TRAIN_HINT.format(code=code)}", stacklevel=3)
         self.add_language(code, encoder, branch, scale=spec.scale, trained=False)
 
     def add_language(self, code: str, encoder: NativeEncoder | None = None, branch: Branch | None = None,
@@ -226,9 +236,6 @@ class PolyBridgePipeline(DiffusionPipeline):
         if encoder is None:
             self._languages[code] = LoadedLanguage(code, "backbone", float(scale), trained)
             return
-        if getattr(branch, "kind", "residual") not in ("residual", "context"):
-            raise NotImplementedError(f"language {code!r}: {branch.branch_type!r} branches give a {branch.kind!r}, "
-                                      "which this pipeline does not run (it runs 'residual' and 'context' branches)")
         branch.check_backbone(self.unet, where=f"language {code!r} branch")
         if branch.encoder_hidden_size is not None and branch.encoder_hidden_size != encoder.hidden_size:
             raise ValueError(f"language {code!r}: the branch reads {branch.encoder_hidden_size}-wide token states, "
@@ -338,78 +345,112 @@ class PolyBridgePipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ generation
 
-    def _encode_backbone(self, texts: list[str], device: torch.device) -> torch.Tensor:
-        # The same computation as StableDiffusionPipeline.encode_prompt, so the backbone side is bit-identical.
-        tokenizer = self.tokenizer
-        inputs = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
-        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > inputs.input_ids.shape[-1]:
-            warnings.warn(f"an English prompt is longer than the backbone's {tokenizer.model_max_length} tokens and "
-                          "was truncated", stacklevel=3)
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = inputs.attention_mask.to(device)
-        embeds = self.text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
-        return embeds.to(dtype=self.text_encoder.dtype, device=device)
+    def _encode_backbone(self, texts: list[str], device: torch.device,
+                         optional: list[bool] | None = None) -> Conditioning:
+        """The backbone's conditioning for ``texts``: its family's prompt encoding, the same computation as its
+        diffusers pipeline's ``encode_prompt``, so the backbone side is bit-identical."""
+        return self.family.encode_prompt(self, texts, device, optional=optional)
 
-    def _residuals(self, sample: torch.Tensor, t: torch.Tensor, inputs: list[_BranchRows]):
-        if not inputs:
-            return None, None
-        down: list[torch.Tensor] | None = None
-        mid: torch.Tensor | None = None
-        for item in inputs:
-            branch = self.branches[item.code]
-            if branch.kind != "residual":
-                continue
-            x = sample if item.covers_batch else sample.index_select(0, item.rows)
-            d, m = branch(x.to(branch.dtype), t, item.states, conditioning_scale=item.scale, attention_mask=item.mask)
-            d = [r.to(self.unet.dtype) for r in d]
-            m = m.to(self.unet.dtype)
-            if item.covers_batch and down is None:
-                down, mid = d, m
-                continue
-            if down is None:
-                down = [torch.zeros((sample.shape[0], *r.shape[1:]), dtype=r.dtype, device=r.device) for r in d]
-                mid = torch.zeros((sample.shape[0], *m.shape[1:]), dtype=m.dtype, device=m.device)
-            # Several branches on one row (mixed-language spans) sum, as MultiControlNet does.
-            down = [acc.index_add(0, item.rows, r) if not item.covers_batch else acc + r for acc, r in zip(down, d)]
-            mid = mid.index_add(0, item.rows, m) if not item.covers_batch else mid + m
-        return down, mid
+    def _branch_inputs(self, rows: list[_Row], do_cfg: bool, branch_scale: float | None,
+                       device: torch.device) -> list[_BranchRows]:
+        """Each branch's rows (a row with spans in two languages is in both) and its encoder's states of their
+        texts (with CFG: the negative half, then the positive one)."""
+        batch = len(rows)
+        items: list[_BranchRows] = []
+        for code in dict.fromkeys(code for row in rows for code in row.branches):
+            on = [i for i, row in enumerate(rows) if code in row.branches]
+            texts = [rows[i].branches[code][0] for i in on]
+            if do_cfg:
+                texts = [rows[i].branches[code][1] for i in on] + texts
+                on = on + [i + batch for i in on]
+            encoder, branch = self.encoders[code], self.branches[code]
+            states, mask = encoder.encode_with_mask(texts)
+            scale = self._languages[code].scale if branch_scale is None else branch_scale
+            items.append(_BranchRows(
+                code=code, rows=None if len(on) == batch * (2 if do_cfg else 1) else torch.tensor(on, device=device),
+                states=states.to(device=device, dtype=branch.dtype),
+                mask=None if mask is None else mask.to(device), scale=float(scale)))
+        return items
 
-    def _contexts(self, embeds: torch.Tensor, inputs: list[_BranchRows],
-                  keep_backbone: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The UNet's context with every ``context`` branch's output in place of the backbone's on its rows.
+    def _call_conditioning(self, rows: list[_Row], items: list[_BranchRows], do_cfg: bool, height: int, width: int,
+                           device: torch.device) -> Conditioning:
+        """What stays the same at every step, composed: the branches that do not depend on the step (their contexts
+        first), the backbone's prompt encoding (its English text; CFG's negative half first), its size conditioning."""
+        texts = [row.backbone for row in rows]
+        backbone = self._encode_backbone(texts, device)
+        if do_cfg:  # a negative row keeps the backbone's states where its positive row does
+            negative = self._encode_backbone([row.backbone_negative for row in rows], device,
+                                             optional=[not text for text in texts])
+            backbone = concat([negative, backbone])
+        dtype = backbone.context.dtype
+        parts = [self.branches[item.code].condition(item.states, item.mask, scale=item.scale, rows=item.rows).to(dtype)
+                 for item in items if not self.branches[item.code].step_dependent]
+        total = len(rows) * (2 if do_cfg else 1)
+        size = self.family.size_conditioning(self, total, height, width, device, dtype)
+        return compose([*parts, backbone, size], total)
 
-        A row that a context branch (pea) covers reads that branch's context; when its English prompt is not
-        empty (``keep_backbone``) the backbone's states of it follow, and several context branches on one row
-        follow each other. Rows of different lengths are zero-padded and the padding masked out
-        (the returned ``encoder_attention_mask``; ``None`` when no row needs one)."""
-        items = [item for item in inputs if self.branches[item.code].kind == "context"]
-        if not items:
-            return embeds, None
-        pieces: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(embeds.shape[0])]
-        covered = [False] * embeds.shape[0]
+    def _step_conditioning(self, base: Conditioning, sample: torch.Tensor, t: torch.Tensor,
+                           items: list[_BranchRows]) -> Conditioning:
+        """``base`` plus what the step-dependent branches give for this step's ``sample``, each on its rows only."""
+        parts = [base]
         for item in items:
             branch = self.branches[item.code]
-            context = branch(item.states, attention_mask=item.mask, conditioning_scale=item.scale).to(embeds.dtype)
-            for j, row in enumerate(item.rows.tolist()):
-                pieces[row].append((context[j], None if item.mask is None else item.mask[j]))
-                covered[row] = True
-        for row in range(embeds.shape[0]):
-            if not covered[row] or keep_backbone[row]:
-                pieces[row].append((embeds[row], None))
-        lengths = [sum(t.shape[0] for t, _ in row) for row in pieces]
-        longest = max(lengths)
-        out = embeds.new_zeros((embeds.shape[0], longest, embeds.shape[-1]))
-        mask = torch.zeros((embeds.shape[0], longest), dtype=torch.long, device=embeds.device)
-        for row, row_pieces in enumerate(pieces):
-            at = 0
-            for tensor, piece_mask in row_pieces:
-                out[row, at:at + tensor.shape[0]] = tensor
-                mask[row, at:at + tensor.shape[0]] = 1 if piece_mask is None else piece_mask.to(mask.device)
-                at += tensor.shape[0]
-        return out, (None if bool(mask.all()) else mask)
+            if not branch.step_dependent:
+                continue
+            x = sample if item.rows is None else sample.index_select(0, item.rows)
+            added = {k: v.to(branch.dtype) for k, v in base.select(item.rows).added.items()} or None
+            cond = branch.condition(item.states, item.mask, sample=x.to(branch.dtype), timestep=t, added=added,
+                                    scale=item.scale, rows=item.rows)
+            parts.append(cond.to(self.unet.dtype))
+        return base if len(parts) == 1 else compose(parts, sample.shape[0])
+
+    def _check_call(self, prompt: Any, num_inference_steps: Any, guidance_scale: Any, branch_scale: Any,
+                    num_images_per_prompt: Any, output_type: str, height: int | None,
+                    width: int | None) -> tuple[list[str], int, int]:
+        """The prompts and the image size, once every argument is checked."""
+        prompts = _as_list(prompt, "prompt")
+        if not prompts:
+            raise ValueError("prompt: the list is empty; give at least one prompt (\"\" is the unconditional one)")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer of at least 1, got {num_inference_steps!r}")
+        if not _is_number(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number of at least 0, got {guidance_scale!r}")
+        if branch_scale is not None and not _is_number(branch_scale):
+            raise ValueError(f"branch_scale must be a finite number or None, got {branch_scale!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer of at least 1, got {num_images_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r} is not supported; valid: {', '.join(OUTPUT_TYPES)}")
+        sample_size = self.unet.config.sample_size
+        default_h, default_w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        height = height or default_h * self.vae_scale_factor
+        width = width or default_w * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+        return prompts, height, width
+
+    def _denoise(self, latents: torch.Tensor, base: Conditioning, items: list[_BranchRows], guidance_scale: float,
+                 do_cfg: bool, generator: Any) -> torch.Tensor:
+        """The scheduler loop: one backbone UNet call per step for the whole (CFG-doubled) batch."""
+        step_params = set(inspect.signature(self.scheduler.step).parameters)
+        step_kwargs: dict[str, Any] = {}
+        if "eta" in step_params:
+            step_kwargs["eta"] = 0.0
+        if "generator" in step_params:
+            step_kwargs["generator"] = generator
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for t in timesteps:
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                conditioning = self._step_conditioning(base, model_input, t, items)
+                noise = self.family.unet_call(self.unet, model_input, t, conditioning)
+                if do_cfg:
+                    noise_uncond, noise_text = noise.chunk(2)
+                    noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                progress.update()
+        return latents
 
     @torch.no_grad()
     def __call__(
@@ -436,28 +477,10 @@ class PolyBridgePipeline(DiffusionPipeline):
         alone carries the meaning; an English text mixes its meaning in, as in BDM; with ``language=None`` it is
         appended to the routed English text). ``branch_scale`` overrides the entry's ``branch.scale``.
         """
-        prompts = _as_list(prompt, "prompt")
-        if not prompts:
-            raise ValueError("prompt: the list is empty; give at least one prompt (\"\" is the unconditional one)")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer of at least 1, got {num_inference_steps!r}")
-        if not _is_number(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number of at least 0, got {guidance_scale!r}")
-        if branch_scale is not None and not _is_number(branch_scale):
-            raise ValueError(f"branch_scale must be a finite number or None, got {branch_scale!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer of at least 1, got {num_images_per_prompt!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type {output_type!r} is not supported; valid: {', '.join(OUTPUT_TYPES)}")
+        prompts, height, width = self._check_call(prompt, num_inference_steps, guidance_scale, branch_scale,
+                                                  num_images_per_prompt, output_type, height, width)
         negatives = _broadcast("" if negative_prompt is None else negative_prompt, len(prompts), "negative_prompt")
         englishes = _broadcast(english_prompt, len(prompts), "english_prompt")
-        sample_size = self.unet.config.sample_size
-        default_h, default_w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-        height = height or default_h * self.vae_scale_factor
-        width = width or default_w * self.vae_scale_factor
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
-
         n = num_images_per_prompt
         rows = [row for row in self._rows(prompts, negatives, englishes, language) for _ in range(n)]
         batch = len(rows)
@@ -467,63 +490,14 @@ class PolyBridgePipeline(DiffusionPipeline):
 
         do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
         device = self._execution_device
-
-        # The backbone's text: English rows read the prompt; branch rows read their English part (english_prompt).
-        backbone_pos = [row.backbone for row in rows]
-        embeds = self._encode_backbone(backbone_pos, device)
-        if do_cfg:
-            embeds = torch.cat([self._encode_backbone([row.backbone_negative for row in rows], device), embeds])
-
-        # Each branch runs on its rows only (a row with spans in two languages is in both), fed its own text.
-        branch_rows: list[_BranchRows] = []
-        for code in dict.fromkeys(code for row in rows for code in row.branches):
-            state = self._languages[code]
-            on = [i for i, row in enumerate(rows) if code in row.branches]
-            texts = [rows[i].branches[code][0] for i in on]
-            if do_cfg:
-                texts = [rows[i].branches[code][1] for i in on] + texts
-                on = on + [i + batch for i in on]
-            encoder, branch = self.encoders[code], self.branches[code]
-            states, mask = encoder.encode_with_mask(texts)
-            branch_rows.append(_BranchRows(
-                code=code,
-                rows=torch.tensor(on, device=device),
-                states=states.to(device=device, dtype=branch.dtype),
-                mask=None if mask is None else mask.to(device),
-                scale=float(state.scale if branch_scale is None else branch_scale),
-                covers_batch=len(on) == batch * (2 if do_cfg else 1),
-            ))
-
-        # Context branches (pea) replace the backbone's context on their rows, once for the whole loop.
-        keep_backbone = [bool(text) for text in backbone_pos] * (2 if do_cfg else 1)
-        embeds, context_mask = self._contexts(embeds, branch_rows, keep_backbone)
+        items = self._branch_inputs(rows, do_cfg, branch_scale, device)
+        base = self._call_conditioning(rows, items, do_cfg, height, width, device)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
-        latents = latents * self.scheduler.init_noise_sigma
-        step_params = set(inspect.signature(self.scheduler.step).parameters)
-        step_kwargs: dict[str, Any] = {}
-        if "eta" in step_params:
-            step_kwargs["eta"] = 0.0
-        if "generator" in step_params:
-            step_kwargs["generator"] = generator
-
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                down, mid = self._residuals(model_input, t, branch_rows)
-                noise = self.unet(model_input, t, encoder_hidden_states=embeds, encoder_attention_mask=context_mask,
-                                  down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                                  return_dict=False)[0]
-                if do_cfg:
-                    noise_uncond, noise_text = noise.chunk(2)
-                    noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-                latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-                progress.update()
-
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=base.context.dtype)
+        latents = self._denoise(latents * self.scheduler.init_noise_sigma, base, items, guidance_scale, do_cfg,
+                                generator)
         if output_type == "latent":
             images: Any = latents
         else:

@@ -26,15 +26,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from polybridge import catalog
 from polybridge.unicode_scripts import KNOWN_SCRIPTS
 
 REGISTRY_FILE = "registry.yaml"
 LANGUAGE_FILE = "language.yaml"
 REGISTRY_ENV = "POLYBRIDGE_REGISTRY"
 
-#: Branch types a registry entry may name. ``polybridge.branches`` registers one class per name;
-#: a test keeps the two lists equal (the registry sits below the branches and cannot import them).
-BRANCH_TYPES: tuple[str, ...] = ("bdm", "pea")
 
 #: transformers text-model classes a native encoder may be loaded with.
 ENCODER_CLASSES: tuple[str, ...] = (
@@ -48,9 +46,6 @@ ENCODER_CLASSES: tuple[str, ...] = (
     "T5EncoderModel",
     "MT5EncoderModel",
 )
-
-#: Backbone architectures: the UNet / text-encoder layout a branch is built against.
-BACKBONE_ARCHITECTURES: tuple[str, ...] = ("sd1", "sd2")
 
 #: What happens to a prompt in a language whose branch is not trained (see README, "Fallbacks").
 FALLBACKS: tuple[str, ...] = ("zero-branch", "backbone", "error")
@@ -515,9 +510,10 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
         _check_source(enc.tokenizer, file, "encoder.tokenizer", must_exist=False)
     if entry.branch is not None:
         br = entry.branch
-        if br.type not in BRANCH_TYPES:
-            raise RegistryError(file, "branch.type", f"unknown branch type {br.type!r}{_suggest(br.type, BRANCH_TYPES)}",
-                                valid=BRANCH_TYPES)
+        branch_types = catalog.names("branch")
+        if br.type not in branch_types:
+            raise RegistryError(file, "branch.type", f"unknown branch type {br.type!r}{_suggest(br.type, branch_types)}",
+                                valid=branch_types)
         _check_source(br.weights, file, "branch.weights", must_exist=False)
         tr = br.training
         for name in ("learning_rate", "batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every"):
@@ -581,9 +577,9 @@ def load_registry(path: str | Path | None = None) -> Registry:
         raise RegistryError(file, "backbones", "at least one backbone is required")
     backbones = {}
     for name, bb in spec.backbones.items():
-        if bb.architecture not in BACKBONE_ARCHITECTURES:
-            raise RegistryError(file, f"backbones.{name}.architecture", f"unknown architecture {bb.architecture!r}",
-                                valid=BACKBONE_ARCHITECTURES)
+        if bb.architecture not in catalog.ARCHITECTURES:
+            raise RegistryError(file, f"backbones.{name}.architecture", f"unknown architecture {bb.architecture!r}"
+                                f"{_suggest(bb.architecture, catalog.ARCHITECTURES)}", valid=catalog.ARCHITECTURES)
         _check_source(bb.source, file, f"backbones.{name}.source", must_exist=False)
         backbones[name] = dataclasses.replace(bb, name=name)
     if spec.default_backbone not in backbones:

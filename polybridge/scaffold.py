@@ -15,10 +15,10 @@ from typing import Sequence
 
 import yaml
 
+from polybridge import catalog
 from polybridge.atomic import atomic_dir, atomic_write_text
 from polybridge.registry import (
     CODE_PATTERN,
-    BRANCH_TYPES,
     LANGUAGE_FILE,
     Registry,
     RegistryError,
@@ -96,8 +96,8 @@ def add_language(registry: Registry, code: str, *, name: str, native_name: str |
     for script in scripts:
         if script not in KNOWN_SCRIPTS:
             raise RegistryError("--scripts", None, f"unknown script {script!r}", valid=KNOWN_SCRIPTS)
-    if branch_type not in BRANCH_TYPES:
-        raise RegistryError("--branch", None, f"unknown branch type {branch_type!r}", valid=BRANCH_TYPES)
+    if branch_type not in catalog.names("branch"):
+        raise RegistryError("--branch", None, f"unknown branch type {branch_type!r}", valid=catalog.names("branch"))
     owned = {c: e.code for e in registry.languages.values() for c in (e.synthetic.concepts if e.synthetic else ())}
     for concept in concepts:
         if concept not in CONCEPTS:

@@ -44,7 +44,7 @@ def tiny(tmp_path_factory):
             "clip_model: BAAI/AltCLIP-m18", "clip_model: null" if code == "ja" else f"clip_model: {WORLD_CLIP}"),
             encoding="utf-8")
     reg = load_registry(registry_file)
-    from polybridge.backbone import load_backbone
+    from polybridge.backbones import load_backbone
 
     unet = load_backbone(reg).unet
     for code, kind, where in (("zh", "bdm", root / "languages/zh/branch"), ("ja", "pea", root / "ja-pea")):
@@ -111,7 +111,7 @@ def test_general_english_reference_is_shared_and_grids_hold_every_method(result)
 
 
 def test_naive_swap_projection_is_seeded_per_language(tiny):
-    from polybridge.backbone import load_backbone
+    from polybridge.backbones import load_backbone
     from polybridge.encoders import load_encoder
 
     reg = load_registry(tiny)

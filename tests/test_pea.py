@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 
 from polybridge.branches import BDMBranch, Branch, BranchError, PEABranch, get_branch_class
 from polybridge.branches.pea import block_outputs
+from polybridge.conditioning import Conditioning, compose
 from polybridge.pipeline import PolyBridgePipeline
 from tiny_components import get_dummy_components, native_encoder, perturb_, tiny_unet, write_registry
 
@@ -43,8 +44,15 @@ def _latents(pipe, *args, **kwargs):
 # --------------------------------------------------------------------------- the adapter
 
 
+def _student(branch, states):
+    """The UNet's inputs in training: the adapter's conditioning composed with the backbone's "" (which it replaces)."""
+    return compose([branch.condition(states), Conditioning(context=torch.zeros(states.shape[0], 77, 32),
+                                                           optional=True)], states.shape[0]).unet_kwargs()
+
+
+
 def test_registered_and_shaped_like_pea():
-    assert get_branch_class("pea") is PEABranch and PEABranch.kind == "context"
+    assert get_branch_class("pea") is PEABranch and not PEABranch.step_dependent  # runs once per call
     # PEA on SD 1.5 with a 1024-wide encoder: LayerNorm, 1024 -> 2048 -> 2048 -> 768, no bias (~7.9M parameters).
     sd15 = PEABranch(native_hidden_size=1024, context_dim=768, hidden_size=2048, num_layers=3)
     linears = [m for m in sd15.mlp if isinstance(m, torch.nn.Linear)]
@@ -63,7 +71,7 @@ def test_from_unet_defaults_and_options(components):
     assert not branch(states).any(), "the output layer starts at zero: an untrained adapter gives a zero context"
     wide = PEABranch.from_unet(unet, 48, hidden_size=64, num_layers=2, bias=True)
     assert [m.out_features for m in wide.mlp if isinstance(m, torch.nn.Linear)] == [64, 32]
-    with pytest.raises(TypeError, match="unknown pea branch option.*valid: hidden_size, num_layers, bias"):
+    with pytest.raises(BranchError, match="depth: unknown option for a pea branch; valid: hidden_size, num_layers, bias"):
         PEABranch.from_unet(unet, 48, depth=2)
 
 
@@ -99,8 +107,10 @@ def test_distillation_loss_reads_every_block_and_trains_only_the_adapter(compone
 
     noisy, t, target = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 4, 8, 8)
     states = torch.randn(2, 16, 48)
-    student = branch.unet_inputs(noisy, t, states, None, torch.zeros(2, 77, 32))
-    assert set(student) == {"encoder_hidden_states", "encoder_attention_mask"}
+    student = compose([branch.condition(states), Conditioning(context=torch.zeros(2, 77, 32), optional=True)],
+                      2).unet_kwargs()
+    assert set(student) == {"encoder_hidden_states"}  # the adapter's context replaces the backbone's ""
+    assert torch.equal(student["encoder_hidden_states"], branch(states))
     teacher = {"encoder_hidden_states": torch.randn(2, 77, 32)}
     parts = PEABranch.training_loss(unet, noisy, t, target, student, teacher,
                                     {"denoise": 1.0, "distill_output": 1.0, "distill_features": 0.1})
@@ -112,7 +122,7 @@ def test_distillation_loss_reads_every_block_and_trains_only_the_adapter(compone
     assert all(p.grad is None for p in unet.parameters()), "the frozen UNet gets no gradient"
     # Native-only data: the denoising loss alone.
     branch.zero_grad()
-    only = PEABranch.training_loss(unet, noisy, t, target, branch.unet_inputs(noisy, t, states, None, None), None, {})
+    only = PEABranch.training_loss(unet, noisy, t, target, _student(branch, states), None, {})
     assert set(only) == {"loss", "denoise"}
 
 
@@ -128,7 +138,7 @@ def test_native_only_examples_take_the_denoising_loss_alone(components):
     weights = {"denoise": 1.0, "distill_output": 1.0, "distill_features": 0.1}
 
     def loss(rows, parallel=None):
-        student = branch.unet_inputs(noisy[rows], t[rows], states[rows], None, None)
+        student = _student(branch, states[rows])
         return PEABranch.training_loss(unet, noisy[rows], t[rows], target[rows], student,
                                        {"encoder_hidden_states": english[rows]}, weights, parallel=parallel)
 
@@ -200,22 +210,24 @@ def test_pea_and_bdm_languages_in_one_pipeline(pipe):
 def test_rows_of_context_and_residual_branches_share_one_batch(pipe):
     # Rows of a pea language, a bdm language and English, mixed in one batch (routing will make such
     # batches): each row comes out as it does alone.
-    from polybridge.pipeline import _BranchRows
+    from polybridge.conditioning import Conditioning, compose
 
     p = pipe
     enc_zh, enc_ja = p.encoders["zh"], p.encoders["ja"]
     embeds = torch.randn(3, 77, 32)
     zh_states, _ = enc_zh.encode_with_mask([ZH])
     ja_states, _ = enc_ja.encode_with_mask(["赤い鳥居"])
-    rows = [_BranchRows("zh", torch.tensor([0]), zh_states, None, 1.0, False),
-            _BranchRows("ja", torch.tensor([1]), ja_states, None, 1.0, False)]
-    context, mask = p._contexts(embeds, rows, [False, False, False])
+    backbone = Conditioning(context=embeds, optional=True)  # every row's English text is ""
+    sample = torch.randn(3, 4, 8, 8)
+    zh = p.branches["zh"].condition(zh_states, rows=torch.tensor([0]))
+    ja = p.branches["ja"].condition(ja_states, sample=sample[1:2], timestep=torch.tensor(10), rows=torch.tensor([1]))
+    composed = compose([zh, backbone, ja], 3)
+    context, mask = composed.context, composed.context_mask
     n = zh_states.shape[1]
     assert context.shape == (3, max(77, n), 32) and mask is not None
     assert torch.allclose(context[0, :n], p.branches["zh"](zh_states)[0]) and not mask[0, n:].any()
     assert torch.equal(context[1:, :77], embeds[1:]) and mask[1:, :77].all() and not mask[1:, 77:].any()
-    sample = torch.randn(3, 4, 8, 8)
-    down, mid = p._residuals(sample, torch.tensor(10), rows)
+    down = composed.down
     assert not down[0][0].any() and down[0][1].any(), "only the bdm row gets residuals"
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from polybridge.backbone import load_backbone
+from polybridge.backbones import load_backbone
 from polybridge.branches import BDMBranch
 from polybridge.encoders import load_encoder
 from polybridge.pipeline import PolyBridgePipeline
@@ -182,7 +182,9 @@ def test_to_moves_languages(components):
         p.to(torch.float64)
     assert p.encoders["zh"].dtype == torch.float64 and p.branches["zh"].dtype == torch.float64
     assert p.dtype == torch.float64
-    assert set(p.components) == {"vae", "text_encoder", "tokenizer", "unet", "scheduler", "encoders", "branches"}
+    assert set(p.components) == {"vae", "text_encoder", "tokenizer", "unet", "scheduler", "encoders", "branches",
+                                 "text_encoder_2", "tokenizer_2"}
+    assert p.text_encoder_2 is None and p.tokenizer_2 is None  # SDXL's second text side, absent on an sd backbone
 
 
 def test_add_language_checks_the_branch(components):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from polybridge import catalog
 from polybridge.registry import (
-    BRANCH_TYPES,
     FALLBACKS,
     LanguageEntry,
     RegistryError,
@@ -46,7 +46,7 @@ def test_every_registered_language(code):
         assert entry.encoder is None and entry.branch is None
     else:
         assert entry.encoder is not None and entry.branch is not None
-        assert entry.branch.type in BRANCH_TYPES
+        assert entry.branch.type in catalog.names("branch")
         assert entry.data is not None and entry.data.caption_column == f"caption_{code}"
     assert entry.grammar_path is not None and entry.grammar_path.is_file()
     assert set(entry.synthetic.concepts) <= set(CONCEPTS)
@@ -189,7 +189,7 @@ BAD_ENTRIES = [
     ("unknown-default-backbone", "top", "default_backbone", "tinyy", "registry.yaml", "default_backbone",
      "did you mean 'tiny'"),
     ("unknown-architecture", "top", "backbones.tiny.architecture", "sdxl3", "registry.yaml",
-     "backbones.tiny.architecture", "valid: sd1, sd2"),
+     "backbones.tiny.architecture", "did you mean 'sdxl'?); valid: sd, sd1, sd2, sdxl"),
     ("unknown-top-key", "top", "langauges", ["en"], "registry.yaml", "langauges", "did you mean 'languages'"),
     ("fallback-not-registered", "top", "fallback_language", "pt", "registry.yaml", "fallback_language",
      "valid: en, zh"),

@@ -74,14 +74,14 @@ def test_two_native_languages_sum_their_residuals(pipe, monkeypatch):
     """At the first step every call sees the same noisy latents, so the residuals of a zh+ru row must be
     the zh row's plus the ru row's (negative halves included), as MultiControlNet sums ControlNets."""
     seen = []
-    original = pipe._residuals
+    original = pipe._step_conditioning
 
-    def spy(sample, t, inputs):
-        down, mid = original(sample, t, inputs)
-        seen.append((sorted(item.code for item in inputs), [d.clone() for d in down], mid.clone()))
-        return down, mid
+    def spy(base, sample, t, inputs):
+        composed = original(base, sample, t, inputs)
+        seen.append((sorted(item.code for item in inputs), [d.clone() for d in composed.down], composed.mid.clone()))
+        return composed
 
-    monkeypatch.setattr(pipe, "_residuals", spy)
+    monkeypatch.setattr(pipe, "_step_conditioning", spy)
     texts = {}
     for code in ("zh", "ru"):
         encoder = pipe.encoders[code]
@@ -131,8 +131,8 @@ def test_mixed_language_batch_equals_each_prompt_alone(pipe, monkeypatch):
 def test_negative_prompts_are_routed_too(pipe, monkeypatch):
     backbone_texts, zh_texts = [], []
     original = pipe._encode_backbone
-    monkeypatch.setattr(pipe, "_encode_backbone", lambda texts, device: backbone_texts.append(list(texts))
-                        or original(texts, device))
+    monkeypatch.setattr(pipe, "_encode_backbone", lambda texts, device, **kw: backbone_texts.append(list(texts))
+                        or original(texts, device, **kw))
     encoder = pipe.encoders["zh"]
     monkeypatch.setattr(encoder, "encode_with_mask",
                         lambda prompts: zh_texts.append(list(prompts)) or type(encoder).encode_with_mask(encoder, prompts))

@@ -43,7 +43,7 @@ VARIANTS = ("plain", "channels_last", "bf16", "compile")
 
 def _step_fn(variant: str, branch: torch.nn.Module, unet: torch.nn.Module, states: torch.Tensor,
              context: torch.Tensor, timesteps: torch.Tensor):
-    from polybridge.training.trainer import unet_inputs_to
+    from polybridge.conditioning import Conditioning, compose
 
     branch = copy.deepcopy(branch)
     if variant == "channels_last":
@@ -57,7 +57,8 @@ def _step_fn(variant: str, branch: torch.nn.Module, unet: torch.nn.Module, state
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
-            inputs = unet_inputs_to(branch.unet_inputs(x, timesteps, states, None, context), dtype)
+            own = branch.condition(states, sample=x, timestep=timesteps).to(dtype)
+            inputs = compose([own, Conditioning(context=context, optional=True)], x.shape[0]).unet_kwargs()
             pred = unet(x.to(dtype), timesteps, **inputs).sample
         return F.mse_loss(pred.float(), x.float())
 
@@ -74,7 +75,7 @@ def _step_fn(variant: str, branch: torch.nn.Module, unet: torch.nn.Module, state
 
 
 def measure_steps(args) -> list[dict]:
-    from polybridge.backbone import load_backbone
+    from polybridge.backbones import load_backbone
     from polybridge.branches import get_branch_class
     from polybridge.encoders import load_encoder
     from polybridge.registry import load_registry

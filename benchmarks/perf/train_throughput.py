@@ -155,12 +155,12 @@ def run_diffusers_style(registry, lang: str, args) -> dict:
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from polybridge.backbone import load_backbone
+    from polybridge.backbones import load_backbone
     from polybridge.branches import get_branch_class
+    from polybridge.conditioning import Conditioning, compose
     from polybridge.encoders import load_encoder
     from polybridge.training.branch_data import load_examples
     from polybridge.training.embedded import images_to_tensor
-    from polybridge.training.trainer import unet_inputs_to
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -234,7 +234,8 @@ def run_diffusers_style(registry, lang: str, args) -> dict:
         target = noise if scheduler.config.prediction_type == "epsilon" else \
             scheduler.get_velocity(latents, noise, timesteps)
         with autocast:
-            student = unet_inputs_to(branch.unet_inputs(noisy, timesteps, native, mask, backbone_states), weight_dtype)
+            own = branch.condition(native, mask, sample=noisy, timestep=timesteps).to(weight_dtype)
+            student = compose([own, Conditioning(context=backbone_states, optional=True)], len(idx)).unet_kwargs()
             if distil:
                 loss = branch_cls.training_loss(bb.unet, noisy.to(weight_dtype), timesteps, target, student, teacher,
                                                 weights, parallel=parallel)["loss"]

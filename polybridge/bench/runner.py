@@ -238,7 +238,7 @@ class _Context:
     """What every cell shares: the backbone, the scorer, the world CLIP, the settings."""
 
     def __init__(self, registry: Registry, settings: BenchSettings, log: Callable[[str], None]):
-        from polybridge.backbone import load_backbone
+        from polybridge.backbones import load_backbone
         from polybridge.bench.metrics import load_world_clip
         from polybridge.pipeline import PolyBridgePipeline
         from polybridge.synthetic.scorer import load_default_scorer

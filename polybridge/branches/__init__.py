@@ -1,7 +1,8 @@
 """Branch types: one class per ``branch.type`` a registry entry may name.
 
-A branch type is one module plus one :func:`register_branch` call here; the ``branch_type`` recorded
-in a saved branch's config picks its class on load (:meth:`Branch.from_pretrained`).
+A branch type is one module plus one :func:`register_branch` call (the built-in ones are listed in
+:mod:`polybridge.catalog`, the one place their names are stated); the ``branch_type`` recorded in a saved
+branch's config picks its class on load (:meth:`Branch.from_pretrained`).
 
 >>> from polybridge.branches import get_branch_class
 >>> get_branch_class("bdm").__name__
@@ -10,15 +11,13 @@ in a saved branch's config picks its class on load (:meth:`Branch.from_pretraine
 
 from __future__ import annotations
 
-import difflib
-
+from polybridge import catalog
 from polybridge.branches.base import Branch, BranchError, BranchOutput, load_branch
 from polybridge.branches.bdm import BDMBranch
 from polybridge.branches.pea import PEABranch
 
-__all__ = ["Branch", "BranchError", "BranchOutput", "BDMBranch", "PEABranch", "load_branch", "register_branch", "get_branch_class", "branch_types"]
-
-_BRANCH_CLASSES: dict[str, type[Branch]] = {}
+__all__ = ["Branch", "BranchError", "BranchOutput", "BDMBranch", "PEABranch", "load_branch", "register_branch",
+           "get_branch_class", "branch_types"]
 
 
 def register_branch(name: str, cls: type[Branch]) -> None:
@@ -27,26 +26,17 @@ def register_branch(name: str, cls: type[Branch]) -> None:
         raise TypeError(f"branch type {name!r}: {cls!r} is not a subclass of polybridge.branches.Branch")
     if cls.branch_type != name:
         raise ValueError(f"branch type {name!r}: {cls.__name__}.branch_type is {cls.branch_type!r}; they must agree")
-    registered = _BRANCH_CLASSES.get(name)
-    if registered is not None and registered is not cls:
-        raise ValueError(f"branch type {name!r} is already registered to {registered.__name__}")
-    _BRANCH_CLASSES[name] = cls
+    catalog.register("branch", name, cls)
 
 
 def get_branch_class(name: str) -> type[Branch]:
     """The class of branch type ``name``; an unknown name lists the valid ones."""
     try:
-        return _BRANCH_CLASSES[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), list(_BRANCH_CLASSES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown branch type {name!r}{hint}; valid: {', '.join(_BRANCH_CLASSES) or '(none)'}") from None
+        return catalog.resolve("branch", name)
+    except catalog.UnknownName as exc:
+        raise BranchError(str(exc)) from None
 
 
 def branch_types() -> tuple[str, ...]:
     """The registered branch type names, in registration order."""
-    return tuple(_BRANCH_CLASSES)
-
-
-register_branch("bdm", BDMBranch)
-register_branch("pea", PEABranch)
+    return catalog.names("branch")

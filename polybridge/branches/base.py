@@ -31,7 +31,9 @@ from safetensors.torch import load_file, save_file
 
 import polybridge
 from polybridge.atomic import atomic_dir
-from polybridge.backbone import architecture_config, architecture_diff, architecture_fingerprint
+from polybridge.backbones import architecture_config, architecture_diff, architecture_fingerprint, family_of_unet
+from polybridge.conditioning import Conditioning
+from polybridge.errors import PolyBridgeError, PolyBridgeFileNotFoundError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -51,7 +53,7 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, sample_weights: torch
     return (per_example * sample_weights.to(per_example)).mean()
 
 
-class BranchError(ValueError):
+class BranchError(PolyBridgeError, ValueError):
     """A saved branch cannot be used: unreadable files, wrong type, or built for another backbone."""
 
 
@@ -70,29 +72,40 @@ class Branch(ModelMixin, ConfigMixin):
     branch_type: ClassVar[str] = ""
     #: Keys a registry entry may set under ``branch.options`` (passed to :meth:`from_unet`).
     option_keys: ClassVar[tuple[str, ...]] = ()
-    #: What the branch gives the backbone: ``residual`` (down/mid residuals, like ControlNet) or
-    #: ``context`` (cross-attention context, like an adapter).
-    kind: ClassVar[str] = "residual"
-
-    # ------------------------------------------------------------------ what it was built against
-
+    #: Whether its conditioning depends on the noisy sample and the timestep (then it runs at every denoising step;
+    #: otherwise once per call).
+    step_dependent: ClassVar[bool] = True
     #: Whether training distils from the backbone fed the English parallel caption (needs an English column).
     distills: ClassVar[bool] = False
+    #: What an untrained (zero-initialised) branch of this type does to an image, for the untrained-language warning.
+    untrained_effect: ClassVar[str] = "nothing"
+
+    # ------------------------------------------------------------------ what it was built against
 
     @classmethod
     def from_unet(cls, unet: Any, native_hidden_size: int, encoder_name: str = "", **options: Any) -> Branch:
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ training
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], where: str = "") -> None:
+        """Refuse an option this branch type does not take. ``where`` prefixes the option's name in the message
+        (``"<file>: branch.options."`` for a registry entry, ``"--branch-option "`` for the command line)."""
+        unknown = sorted(set(options) - set(cls.option_keys))
+        if unknown:
+            raise BranchError(f"{where}{unknown[0]}: unknown option for a {cls.branch_type} branch; valid: "
+                              f"{', '.join(cls.option_keys) or '(none)'}")
 
-    def unet_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
-                    mask: torch.Tensor | None, backbone_context: torch.Tensor,
-                    call: Callable[..., Any] | None = None) -> dict[str, Any]:
-        """The backbone UNet's keyword arguments (besides sample and timestep) for native token ``states``.
+    # ------------------------------------------------------------------ conditioning
 
-        ``backbone_context`` is the backbone text encoder's states for the English prompt (``""`` in training).
-        ``call`` runs the branch's forward (default: the branch itself; the trainer passes the wrapper that
-        accelerate / DDP put around it, so that gradients are synchronised)."""
+    def condition(self, states: torch.Tensor, mask: torch.Tensor | None = None, *, sample: torch.Tensor | None = None,
+                  timestep: Any = None, added: Mapping[str, torch.Tensor] | None = None, scale: float = 1.0,
+                  rows: torch.Tensor | None = None, call: Callable[..., Any] | None = None) -> Conditioning:
+        """This branch's :class:`~polybridge.conditioning.Conditioning` for native token ``states`` (and their
+        ``mask``) on the batch rows ``rows`` (``None``: all). ``sample`` and ``timestep`` are the UNet's inputs of
+        those rows (read by :attr:`step_dependent` types); ``added`` is the backbone's added conditioning of those
+        rows (SDXL's pooled text and size ids), which a branch that copies the UNet's time embedding reads as the
+        UNet does. ``call`` runs the branch's forward (default: the branch itself; the trainer passes the wrapper
+        that accelerate / DDP put around it, so that gradients are synchronised)."""
         raise NotImplementedError
 
     @staticmethod
@@ -100,8 +113,9 @@ class Branch(ModelMixin, ConfigMixin):
                       student: Mapping[str, Any], teacher: Mapping[str, Any] | None,
                       weights: Mapping[str, float], sample_weights: torch.Tensor | None = None,
                       parallel: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The training loss: MSE between the UNet's prediction with the branch (``student``: its
-        :meth:`unet_inputs`) and ``target``. ``teacher`` (the UNet's inputs for the English parallel caption)
+        """The training loss: MSE between the UNet's prediction with the branch (``student``: the UNet's keyword
+        arguments, :func:`polybridge.conditioning.compose` of the backbone's and the branch's conditioning) and
+        ``target``. ``teacher`` (the UNet's inputs for the English parallel caption)
         and ``parallel`` (bool per example: it has a parallel caption; ``None``: all do) are used by branch
         types that distil (:attr:`distills`). ``sample_weights``: one weight per example of the denoising MSE
         (min-SNR; ``None``: all 1). Returns ``{"loss": ..., <parts>: ...}``."""
@@ -144,10 +158,15 @@ class Branch(ModelMixin, ConfigMixin):
         found = self.backbone_fingerprint
         if found == expected:
             return
-        diff = architecture_diff(self.config.get("backbone_architecture") or {}, architecture_config(unet))
+        recorded = self.config.get("backbone_architecture") or {}
+        diff = architecture_diff(recorded, architecture_config(unet))
         keys = "; ".join(f"{k}: branch {a!r} vs backbone {b!r}" for k, (a, b) in diff.items()) or "(not recorded)"
-        raise BranchError(f"{where or 'branch'}: built for a different backbone architecture: expected fingerprint "
-                          f"{expected} (this backbone's UNet), found {found}; differing UNet config keys: {keys}")
+        built_for, this = family_of_unet(recorded) if recorded else None, family_of_unet(unet)
+        families = f" (a branch for an {built_for} backbone on an {this} backbone)" \
+            if built_for and this and built_for != this else ""
+        raise BranchError(f"{where or 'branch'}: built for a different backbone architecture{families}: expected "
+                          f"fingerprint {expected} (this backbone's UNet), found {found}; differing UNet config keys: "
+                          f"{keys}")
 
     # ------------------------------------------------------------------ saving
 
@@ -200,7 +219,7 @@ class Branch(ModelMixin, ConfigMixin):
         if not weights.is_file():
             pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
             extra = f" ({', '.join(pickles)} present, but pickle files are never loaded)" if pickles else ""
-            raise FileNotFoundError(f"{weights}: branch weights not found{extra}")
+            raise PolyBridgeFileNotFoundError(f"{weights}: branch weights not found{extra}")
         try:
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -250,10 +269,10 @@ def load_branch(source: str | Path, backbone_unet: Any = None, torch_dtype: torc
 def read_branch_config(folder: Path) -> dict[str, Any]:
     """The ``config.json`` of a saved branch, checked for the recorded keys."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: branch folder not found")
+        raise PolyBridgeFileNotFoundError(f"{folder}: branch folder not found")
     file = folder / CONFIG_NAME
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: branch config not found")
+        raise PolyBridgeFileNotFoundError(f"{file}: branch config not found")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

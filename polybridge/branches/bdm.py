@@ -5,6 +5,9 @@ same diffusers blocks, a copy of its ``conv_in``, time embedding, down blocks an
 cross-attention reads the native encoder's token states (``cross_attention_dim = native_hidden_size``).
 Weights are copied wherever the shapes match; the cross-attention ``to_k`` / ``to_v`` take the native
 width, so they start fresh when it differs from the backbone's (as BDM's do). There is no hint image.
+On an SDXL UNet (``addition_embed_type: text_time``) the branch carries the UNet's added embedding too
+(``add_time_proj``, ``add_embedding``, copied), as diffusers' ``ControlNetModel.from_unet`` does, and reads the
+backbone's added conditioning (pooled text of the English part, size ids) as the UNet does.
 
 Every down-block residual and the mid-block output pass through a zero-initialised 1x1 conv and are
 scaled by ``conditioning_scale``; the result is exactly what the backbone UNet takes as
@@ -25,7 +28,8 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block
 from torch import nn
 
-from polybridge.branches.base import Branch, BranchOutput
+from polybridge.branches.base import Branch, BranchError, BranchOutput
+from polybridge.conditioning import Conditioning
 
 #: UNet config keys the branch copies as they are (its own constructor arguments of the same name).
 _COPIED_KEYS: tuple[str, ...] = (
@@ -35,14 +39,15 @@ _COPIED_KEYS: tuple[str, ...] = (
     "num_attention_heads", "use_linear_projection", "upcast_attention", "resnet_time_scale_shift",
     "resnet_skip_time_act", "resnet_out_scale_factor", "time_embedding_dim", "time_embedding_act_fn",
     "timestep_post_act", "conv_in_kernel", "attention_type", "mid_block_only_cross_attention",
-    "cross_attention_norm", "dropout",
+    "cross_attention_norm", "dropout", "addition_embed_type", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
 )
 
 #: UNet features a bdm branch does not copy (SDXL-style conditioning and the like): key -> supported values.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text_time"),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "time_cond_proj_dim": (None,),
@@ -81,6 +86,7 @@ class BDMBranch(Branch, AttentionMixin):
     """A BDM branch. Build it with :meth:`from_unet`; load a trained one with :meth:`from_pretrained`."""
 
     branch_type = "bdm"
+    untrained_effect = "the image is the backbone's for the English prompt, \"\" by default"
     _supports_gradient_checkpointing = True
 
     @register_to_config
@@ -118,6 +124,9 @@ class BDMBranch(Branch, AttentionMixin):
         mid_block_only_cross_attention: bool | None = None,
         cross_attention_norm: str | None = None,
         dropout: float = 0.0,
+        addition_embed_type: str | None = None,
+        addition_time_embed_dim: int | None = None,
+        projection_class_embeddings_input_dim: int | None = None,
     ):
         super().__init__()
         self.fresh_keys: list[str] = []  # weights from_unet could not copy (set by from_unet)
@@ -144,6 +153,11 @@ class BDMBranch(Branch, AttentionMixin):
         self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn=act_fn,
                                                 post_act_fn=timestep_post_act)
         self.time_embed_act = get_activation(time_embedding_act_fn) if time_embedding_act_fn else None
+        if addition_embed_type == "text_time":  # SDXL: pooled text + size ids, as the UNet embeds them
+            self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
+            self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
+        elif addition_embed_type is not None:
+            raise ValueError(f"addition_embed_type {addition_embed_type!r} is not supported; valid: None, 'text_time'")
 
         self.down_blocks = nn.ModuleList()
         self.controlnet_down_blocks = nn.ModuleList([_zero_conv(block_out_channels[0])])  # conv_in's residual
@@ -214,31 +228,32 @@ class BDMBranch(Branch, AttentionMixin):
         ``to_k`` / ``to_v`` when the widths differ); the output convs are zero, so the branch changes nothing
         until trained. ``encoder_name`` is recorded in the config.
         """
-        if options:
-            raise TypeError(f"unknown bdm branch option(s) {', '.join(sorted(options))}; "
-                            f"valid: {', '.join(cls.option_keys) or '(none)'}")
+        cls.check_options(options)
         if not isinstance(native_hidden_size, int) or native_hidden_size < 1:
-            raise ValueError(f"native_hidden_size must be a positive integer, got {native_hidden_size!r}")
+            raise BranchError(f"native_hidden_size must be a positive integer, got {native_hidden_size!r}")
         config = unet.config
         for key, allowed in _UNSUPPORTED.items():
             if key in config and config[key] not in allowed:
-                raise ValueError(f"a bdm branch cannot copy a UNet with {key}={config[key]!r} "
-                                 f"(supported: {', '.join(map(repr, allowed))}); bdm supports sd1/sd2-style UNets")
+                raise BranchError(f"a bdm branch cannot copy a UNet with {key}={config[key]!r} (supported: "
+                                  f"{', '.join(map(repr, allowed))}); bdm supports sd (1.x/2.x) and sdxl UNets")
         kwargs = {k: config[k] for k in _COPIED_KEYS if k in config}
         branch = cls(**kwargs, cross_attention_dim=native_hidden_size)
         if load_weights_from_unet:
-            for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
+            copied = ("conv_in", "time_embedding", "down_blocks", "mid_block")
+            if config.get("addition_embed_type") == "text_time":
+                copied += ("add_embedding",)
+            for name in copied:
                 fresh = _copy_matching(getattr(branch, name), getattr(unet, name))
                 branch.fresh_keys += [f"{name}.{k}" for k in fresh]
         return branch.placed_for(unet, encoder_name, native_hidden_size)
 
-    def unet_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
-                    mask: torch.Tensor | None, backbone_context: torch.Tensor,
-                    call: Any = None) -> dict[str, Any]:
-        """The backbone reads ``backbone_context``; the branch's residuals go to its down and mid blocks."""
-        down, mid = (call or self)(sample, timestep, states, attention_mask=mask)
-        return {"encoder_hidden_states": backbone_context, "down_block_additional_residuals": tuple(down),
-                "mid_block_additional_residual": mid}
+    def condition(self, states: torch.Tensor, mask: torch.Tensor | None = None, *, sample: torch.Tensor | None = None,
+                  timestep: Any = None, added: Any = None, scale: float = 1.0, rows: torch.Tensor | None = None,
+                  call: Any = None) -> Conditioning:
+        """The branch's residuals for the backbone's down and mid blocks (the backbone reads its own context)."""
+        down, mid = (call or self)(sample, timestep, states, conditioning_scale=scale, attention_mask=mask,
+                                   added_cond_kwargs=added)
+        return Conditioning(down=tuple(down), mid=mid, rows=rows)
 
     def forward(
         self,
@@ -247,11 +262,13 @@ class BDMBranch(Branch, AttentionMixin):
         encoder_hidden_states: torch.Tensor,
         conditioning_scale: float = 1.0,
         attention_mask: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> BranchOutput:
         """Residuals for the backbone UNet.
 
         ``encoder_hidden_states`` are the native encoder's token states ``(batch, tokens, native_hidden_size)``;
-        ``attention_mask`` ``(batch, tokens)`` is 1 on tokens to attend to and 0 on tokens to ignore.
+        ``attention_mask`` ``(batch, tokens)`` is 1 on tokens to attend to and 0 on tokens to ignore;
+        ``added_cond_kwargs`` (SDXL: ``text_embeds`` and ``time_ids``) is what the backbone UNet reads too.
         """
         mask = None
         if attention_mask is not None:
@@ -269,6 +286,13 @@ class BDMBranch(Branch, AttentionMixin):
             timesteps = timesteps[None].to(sample.device)
         timesteps = timesteps.expand(sample.shape[0])
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype=sample.dtype))
+        if self.config.addition_embed_type == "text_time":
+            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+                raise BranchError("a bdm branch of an sdxl backbone needs added_cond_kwargs with 'text_embeds' and "
+                                  "'time_ids' (the backbone's added conditioning of its rows)")
+            text_embeds = added_cond_kwargs["text_embeds"]
+            time_embeds = self.add_time_proj(added_cond_kwargs["time_ids"].flatten()).reshape(text_embeds.shape[0], -1)
+            emb = emb + self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
 

@@ -2,12 +2,17 @@
 
 ``PEABranch.from_unet(unet, native_hidden_size)`` builds ``LayerNorm -> Linear -> GELU -> ... -> Linear`` from
 the native encoder's width to the backbone UNet's ``cross_attention_dim``, applied to every token. Its output
-*replaces* the backbone text encoder's states as the UNet's ``encoder_hidden_states`` (branch ``kind``
-``"context"``); nothing of the backbone changes. With the defaults on Stable Diffusion 1.5 and a 1024-wide
+*replaces* the backbone text encoder's states as the UNet's ``encoder_hidden_states`` (its conditioning is a
+context, computed once per call: ``step_dependent`` is false); nothing of the backbone changes. With the defaults on Stable Diffusion 1.5 and a 1024-wide
 encoder this is PEA's adapter: 1024 -> 2048 -> 2048 -> 768, no bias, about 7.9M parameters.
 
 The last Linear starts at zero, so an untrained adapter gives an all-zero context: the UNet's cross-attention
 then adds only its output bias, an image conditioned on nothing.
+
+On an SDXL backbone the adapter also gives the pooled text embedding the UNet's added conditioning reads
+(``text_embeds``), as PEA's SDXL adapter does: a Linear (zero at the start) from the mean of the normalised native
+token states to the pooled width. Its context and pooled embedding replace the backbone's (branch conditioning of
+:mod:`polybridge.conditioning`).
 
 Training (``polybridge train``, see :meth:`PEABranch.training_loss`): the denoising MSE, plus distillation from
 the frozen backbone fed the English parallel caption through its own text encoder (the teacher) on the noise
@@ -21,14 +26,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from polybridge.branches.base import Branch, weighted_mse
+from polybridge.branches.base import Branch, BranchError, weighted_mse
+from polybridge.conditioning import Conditioning
+
+#: SDXL's size ids: 6 numbers, each embedded ``addition_time_embed_dim`` wide beside the pooled text.
+_TIME_IDS = 6
+
+
+class PEAOutput(NamedTuple):
+    """An adapter with a pooled head (SDXL): the context and the pooled text embedding."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -54,13 +70,14 @@ class PEABranch(Branch):
     """A PEA adapter. Build it with :meth:`from_unet`; load a trained one with :meth:`from_pretrained`."""
 
     branch_type = "pea"
-    kind = "context"
+    step_dependent = False
     distills = True
+    untrained_effect = "the backbone reads an empty context"
     option_keys = ("hidden_size", "num_layers", "bias")
 
     @register_to_config
     def __init__(self, native_hidden_size: int = 1024, context_dim: int = 768, hidden_size: int = 2048,
-                 num_layers: int = 3, bias: bool = False, layer_norm_eps: float = 1e-5):
+                 num_layers: int = 3, bias: bool = False, layer_norm_eps: float = 1e-5, pooled_dim: int | None = None):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1 (the output Linear), got {num_layers}")
@@ -72,47 +89,68 @@ class PEABranch(Branch):
             if i < num_layers - 1:
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
-        out = self.mlp[-1]
-        nn.init.zeros_(out.weight)
-        if out.bias is not None:
-            nn.init.zeros_(out.bias)
+        self.pooled = nn.Linear(native_hidden_size, pooled_dim, bias=bias) if pooled_dim else None
+        for out in (self.mlp[-1], self.pooled):
+            if out is None:
+                continue
+            nn.init.zeros_(out.weight)
+            if out.bias is not None:
+                nn.init.zeros_(out.bias)
 
     @classmethod
     def from_unet(cls, unet: Any, native_hidden_size: int, encoder_name: str = "", hidden_size: int | None = None,
                   num_layers: int = 3, bias: bool = False, **options: Any) -> PEABranch:
         """An adapter from ``native_hidden_size``-wide token states to ``unet``'s cross-attention width.
 
-        ``hidden_size`` defaults to twice the wider of the two (2048 for a 1024-wide encoder on SD 1.5).
+        ``hidden_size`` defaults to twice the wider of the two (2048 for a 1024-wide encoder on SD 1.5). On an SDXL
+        UNet the adapter gets a pooled head as wide as the pooled text its added embedding reads.
         """
-        if options:
-            raise TypeError(f"unknown pea branch option(s) {', '.join(sorted(options))}; "
-                            f"valid: {', '.join(cls.option_keys)}")
+        cls.check_options(options)
         if not isinstance(native_hidden_size, int) or native_hidden_size < 1:
-            raise ValueError(f"native_hidden_size must be a positive integer, got {native_hidden_size!r}")
-        context_dim = unet.config.cross_attention_dim
+            raise BranchError(f"native_hidden_size must be a positive integer, got {native_hidden_size!r}")
+        config = unet.config
+        context_dim = config.cross_attention_dim
         if not isinstance(context_dim, int):
-            raise ValueError(f"a pea branch needs one cross_attention_dim, the UNet has {context_dim!r}")
+            raise BranchError(f"a pea branch needs one cross_attention_dim, the UNet has {context_dim!r}")
+        pooled_dim = None
+        added = config.get("addition_embed_type")
+        if added == "text_time":
+            pooled_dim = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim * _TIME_IDS
+        elif added is not None:
+            raise BranchError(f"a pea branch cannot condition a UNet with addition_embed_type={added!r}; "
+                              "supported: None (sd), 'text_time' (sdxl)")
         hidden = int(hidden_size) if hidden_size is not None else 2 * max(native_hidden_size, context_dim)
         branch = cls(native_hidden_size=native_hidden_size, context_dim=context_dim, hidden_size=hidden,
-                     num_layers=int(num_layers), bias=bool(bias))
+                     num_layers=int(num_layers), bias=bool(bias), pooled_dim=pooled_dim)
         return branch.placed_for(unet, encoder_name, native_hidden_size)
 
-    def unet_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor,
-                    mask: torch.Tensor | None, backbone_context: torch.Tensor,
-                    call: Any = None) -> dict[str, Any]:
-        """The adapter's context replaces the backbone's (``backbone_context`` is not read)."""
-        context = (call or self)(states, attention_mask=mask)
-        return {"encoder_hidden_states": context, "encoder_attention_mask": mask}
+    def condition(self, states: torch.Tensor, mask: torch.Tensor | None = None, *, sample: torch.Tensor | None = None,
+                  timestep: Any = None, added: Any = None, scale: float = 1.0, rows: torch.Tensor | None = None,
+                  call: Any = None) -> Conditioning:
+        """The adapter's context (and on SDXL its pooled text), which replace the backbone's on its rows."""
+        out = (call or self)(states, attention_mask=mask, conditioning_scale=scale)
+        if isinstance(out, PEAOutput):
+            return Conditioning(context=out.context, context_mask=mask, added={"text_embeds": out.pooled}, rows=rows)
+        return Conditioning(context=out, context_mask=mask, rows=rows)
 
     def forward(self, encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                conditioning_scale: float = 1.0) -> torch.Tensor:
+                conditioning_scale: float = 1.0) -> torch.Tensor | PEAOutput:
         """The backbone context ``(batch, tokens, cross_attention_dim)`` for native token states
         ``(batch, tokens, native_hidden_size)``. Masked tokens (``attention_mask`` 0) come out as zeros;
-        the UNet is given the same mask as ``encoder_attention_mask``."""
-        context = self.mlp(self.norm(encoder_hidden_states)) * conditioning_scale
+        the UNet is given the same mask as ``encoder_attention_mask``. With a pooled head (SDXL): a
+        :class:`PEAOutput` of the context and the pooled text embedding ``(batch, pooled_dim)``."""
+        normed = self.norm(encoder_hidden_states)
+        context = self.mlp(normed) * conditioning_scale
         if attention_mask is not None:
             context = context * attention_mask.unsqueeze(-1).to(context.dtype)
-        return context
+        if self.pooled is None:
+            return context
+        if attention_mask is None:
+            mean = normed.mean(dim=1)
+        else:
+            weight = attention_mask.unsqueeze(-1).to(normed.dtype)
+            mean = (normed * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+        return PEAOutput(context, self.pooled(mean) * conditioning_scale)
 
     @staticmethod
     def training_loss(unet: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor,
@@ -137,6 +175,8 @@ class PEABranch(Branch):
             return parts
 
         def rows(x: Any) -> Any:
+            if isinstance(x, Mapping):  # added_cond_kwargs
+                return {k: rows(v) for k, v in x.items()}
             return x if keep is None or not torch.is_tensor(x) or x.ndim == 0 else x[keep.to(x.device)]
 
         with torch.no_grad(), block_outputs(unet) as feats_t:

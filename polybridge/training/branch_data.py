@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from polybridge.conditioning import Conditioning
 from polybridge.registry import DATA_OBJECTS, LanguageEntry, Registry, RegistryError
 
 SYNTHETIC = "synthetic"
@@ -231,14 +232,6 @@ def _pixels(image: Any, row: int, name: str, column: str, size: int) -> torch.Te
 # --------------------------------------------------------------------------- frozen encodings
 
 
-def encode_backbone_text(tokenizer: Any, text_encoder: Any, texts: Sequence[str], device: Any) -> torch.Tensor:
-    """The backbone text encoder's states, tokenized as Stable Diffusion does (padded to ``model_max_length``)."""
-    inputs = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
-    mask = inputs.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    return text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
-
-
 @dataclass
 class EncodedExamples:
     """Every example's frozen encodings (on CPU), plus the two constant ones for dropped captions."""
@@ -250,6 +243,10 @@ class EncodedExamples:
     empty_context: torch.Tensor       # (1, L, backbone width): the backbone text encoder's ""
     english: torch.Tensor | None = None  # (n, L, backbone width): the English parallel captions
     parallel: torch.Tensor | None = None  # (n,) uint8: 1 where the example has a parallel caption (with english)
+    # The backbone's added conditioning of "" and of the English captions (SDXL: the pooled text, "text_embeds"):
+    # key -> (1, ...) and key -> (n, ...); empty on families without one.
+    empty_added: dict[str, torch.Tensor] = field(default_factory=dict)
+    english_added: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def chunk_length(self) -> int:
@@ -259,12 +256,28 @@ class EncodedExamples:
         out = {"latents": self.latents, "states": self.states, "chunks": self.chunks,
                "empty_states": self.empty_states, "empty_context": self.empty_context}
         out.update({k: v for k, v in (("english", self.english), ("parallel", self.parallel)) if v is not None})
+        for group in _ADDED_GROUPS:
+            out.update({f"{group}.{k}": v for k, v in getattr(self, group).items()})
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> EncodedExamples:
+        added = {group: {k.removeprefix(f"{group}."): v for k, v in tensors.items() if k.startswith(f"{group}.")}
+                 for group in _ADDED_GROUPS}
         return cls(**{k: tensors.get(k) for k in ("latents", "states", "chunks", "empty_states", "empty_context",
-                                                  "english", "parallel")})
+                                                  "english", "parallel")}, **added)
+
+
+#: The EncodedExamples fields of added conditioning, stored as "<field>.<key>" tensors.
+_ADDED_GROUPS = ("empty_added", "english_added")
+
+
+def encode_backbone_text(backbone: Any, texts: Sequence[str], device: Any) -> Conditioning:
+    """The backbone's conditioning of ``texts`` as its family encodes a prompt (``backbone``: a
+    :class:`~polybridge.backbones.Backbone`)."""
+    from polybridge.backbones import get_family
+
+    return get_family(backbone.family).encode_prompt(backbone, list(texts), device)
 
 
 def chunk_counts(encoder: Any, captions: Sequence[str]) -> list[int]:
@@ -272,11 +285,12 @@ def chunk_counts(encoder: Any, captions: Sequence[str]) -> list[int]:
 
 
 @torch.no_grad()
-def encode_examples(examples: Examples, indices: Sequence[int], *, vae: Any, encoder: Any, tokenizer: Any,
-                    text_encoder: Any, max_chunks: int, english: bool, device: Any, dtype: torch.dtype,
+def encode_examples(examples: Examples, indices: Sequence[int], *, vae: Any, encoder: Any, backbone: Any,
+                    max_chunks: int, english: bool, device: Any, dtype: torch.dtype,
                     batch_size: int = 256, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Latents, native states (filled up to ``max_chunks``) and, with ``english``, backbone states of the English
-    captions, for the examples at ``indices`` (tensors on CPU in ``dtype``; chunk counts as int64).
+    """Latents, native states (filled up to ``max_chunks``) and, with ``english``, the backbone's conditioning of the
+    English captions (``english``, and ``english_added.<key>`` on families with added conditioning), for the
+    examples at ``indices`` (tensors on CPU in ``dtype``; chunk counts as int64).
     With ``vae=None`` the images are not read and no latents are returned (they come from a shared cache)."""
     filler = encoder.encode([""]).to(device=device, dtype=dtype)
     out: dict[str, list[torch.Tensor]] = {"latents": [], "states": [], "chunks": [], "english": [], "parallel": []}
@@ -299,8 +313,10 @@ def encode_examples(examples: Examples, indices: Sequence[int], *, vae: Any, enc
         if english:
             assert examples.english is not None
             texts = [examples.english[i] for i in idx]
-            eng = encode_backbone_text(tokenizer, text_encoder, [t or "" for t in texts], device)
-            out["english"].append(eng.to(dtype).cpu())
+            eng = encode_backbone_text(backbone, [t or "" for t in texts], device)
+            out["english"].append(eng.context.to(dtype).cpu())
+            for key, value in eng.added.items():
+                out.setdefault(f"english_added.{key}", []).append(value.to(dtype).cpu())
             out["parallel"].append(torch.tensor([t is not None for t in texts], dtype=torch.uint8))
         if progress is not None:
             progress(len(idx))

@@ -47,6 +47,8 @@ from typing import Any
 import torch
 
 from polybridge.atomic import atomic_dir, atomic_write_bytes, atomic_write_text, check_writable_parent
+from polybridge.backbones import get_family
+from polybridge.conditioning import Conditioning, compose
 from polybridge.registry import LanguageEntry, Registry, RegistryError, TrainingSpec
 from polybridge.training.branch_data import (
     EncodedExamples,
@@ -216,6 +218,7 @@ class _Frozen:
     tokenizer: Any
     encoder: Any
     noise_scheduler: Any
+    backbone: Any = None  # the Backbone: its family encodes text and gives the size conditioning
 
 
 def _make_accelerator(spec: TrainingSpec, options: TrainOptions, work: Path, log: Callable[[str], None]):
@@ -252,7 +255,7 @@ def _make_accelerator(spec: TrainingSpec, options: TrainOptions, work: Path, log
 
 
 def _load_frozen(registry: Registry, entry: LanguageEntry, backbone_name: str | None) -> tuple[Any, Any]:
-    from polybridge.backbone import load_backbone
+    from polybridge.backbones import load_backbone
     from polybridge.encoders import load_encoder
 
     bb = load_backbone(registry, backbone_name)
@@ -373,13 +376,13 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
     branch = _build_branch(branch_cls, entry, unet, encoder, branch_options, options.init_from, spec.seed)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (unet, bb.vae, bb.text_encoder, encoder.model):
+    for module in (*bb.frozen_modules(), encoder.model):
         torch.nn.Module.to(module, device=device, dtype=weight_dtype)  # ModelMixin.to warns on every cast
     torch.nn.Module.to(branch, device=device)
     from diffusers import DDPMScheduler
 
     frozen = _Frozen(unet=unet, vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, encoder=encoder,
-                     noise_scheduler=DDPMScheduler.from_config(bb.scheduler.config))
+                     noise_scheduler=DDPMScheduler.from_config(bb.scheduler.config), backbone=bb)
     if spec.gradient_checkpointing:
         if getattr(branch, "_supports_gradient_checkpointing", False):
             branch.enable_gradient_checkpointing()
@@ -680,17 +683,31 @@ def _step_loss(model: Any, unwrapped: Any, branch_cls: Any, frozen: _Frozen, enc
         raise TrainingError(f"prediction_type {sched.config.prediction_type!r} of the backbone's scheduler is not "
                             "supported; valid: epsilon, v_prediction")
     branch_dtype = next(unwrapped.parameters()).dtype
-    context = backbone_context.expand(len(indices), -1, -1)
-    student = unwrapped.unet_inputs(noisy.to(branch_dtype), timesteps, states.to(device=device, dtype=branch_dtype),
-                                    mask, context, call=model)
-    student = unet_inputs_to(student, weight_dtype)
+    rows = len(indices)
+    family = get_family(frozen.backbone.family)
+    vae_scale = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
+    size = family.size_conditioning(frozen.backbone, rows, latent_shape[-2] * vae_scale, latent_shape[-1] * vae_scale,
+                                    device, weight_dtype)
+    # The backbone reads "" (BDM): a default that a branch giving its own context (pea) replaces.
+    backbone = Conditioning(context=backbone_context.expand(rows, -1, -1), optional=True, added={
+        k: v.to(device=device, dtype=weight_dtype).expand(rows, *v.shape[1:]) for k, v in encoded.empty_added.items()})
+    added = compose([backbone, size], rows).added
+    branch = unwrapped.condition(states.to(device=device, dtype=branch_dtype), mask, sample=noisy.to(branch_dtype),
+                                 timestep=timesteps, added={k: v.to(branch_dtype) for k, v in added.items()} or None,
+                                 call=model)
+    student = compose([branch.to(weight_dtype), backbone, size], rows).unet_kwargs()
     teacher, parallel_rows = None, None
     if distil:
         assert encoded.english is not None
         eng = encoded.english[idx]
+        eng_added = {k: v[idx] for k, v in encoded.english_added.items()}
         if drop.any():
             eng[drop] = encoded.empty_context.to(eng.dtype)
-        teacher = {"encoder_hidden_states": eng.to(device=device, dtype=weight_dtype)}
+            for k, v in eng_added.items():
+                v[drop] = encoded.empty_added[k].to(v.dtype)
+        english = Conditioning(context=eng.to(device=device, dtype=weight_dtype),
+                               added={k: v.to(device=device, dtype=weight_dtype) for k, v in eng_added.items()})
+        teacher = compose([english, size], rows).unet_kwargs()
         if encoded.parallel is not None:
             # a dropped caption is "" for teacher and student alike: a parallel pair
             parallel_rows = ((encoded.parallel[idx] > 0) | drop).to(device)
@@ -700,15 +717,6 @@ def _step_loss(model: Any, unwrapped: Any, branch_cls: Any, frozen: _Frozen, enc
         sample_weights = min_snr_weights(snr, spec.snr_gamma, sched.config.prediction_type)
     return branch_cls.training_loss(frozen.unet, noisy.to(weight_dtype), timesteps, target, student, teacher, weights,
                                     sample_weights, parallel=parallel_rows)
-
-
-def unet_inputs_to(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """A branch's UNet keyword arguments with their floating tensors (and tuples of them, the residuals) in ``dtype``.
-    The branch trains in fp32; the frozen UNet reads what it gives in its own dtype (as diffusers' ControlNet
-    script)."""
-    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point()
-                else tuple(r.to(dtype) for r in v) if isinstance(v, tuple) else v)
-            for k, v in inputs.items()}
 
 
 def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path, settings: dict,
@@ -727,7 +735,7 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
     vae_digest = weights_digest(frozen.vae)
     key = cache_key({"data": settings["data"], "encoder": settings["encoder"],
                      "encoder_weights": weights_digest(frozen.encoder.model), "vae": vae_digest,
-                     "text_encoder": weights_digest(frozen.text_encoder) if english else None,
+                     "text_encoder": weights_digest(*frozen.backbone.frozen_modules()[2:]) if english else None,
                      "english": english, "dtype": str(dtype), "max_length": frozen.encoder.max_length,
                      "hidden_layer": frozen.encoder.hidden_layer})
     images = {k: v for k, v in settings["data"].items() if k not in ("caption_column", "english_column", "native_only")}
@@ -749,7 +757,7 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
     bar = tqdm(total=n, desc=f"encode {settings['language']} {what} (frozen, once)", dynamic_ncols=True,
                disable=not (options.progress and accelerator.is_main_process))
     shard = encode_examples(examples, range(lo, hi), vae=None if shared else frozen.vae, encoder=frozen.encoder,
-                            tokenizer=frozen.tokenizer, text_encoder=frozen.text_encoder, max_chunks=max_chunks,
+                            backbone=frozen.backbone, max_chunks=max_chunks,
                             english=english, device=device, dtype=dtype, batch_size=options.cache_batch,
                             progress=lambda k: bar.update(k * accelerator.num_processes))
     bar.close()
@@ -760,7 +768,9 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
         tensors["latents"] = load_file(str(latent_file))["latents"]
     with torch.no_grad():
         tensors["empty_states"] = frozen.encoder.encode([""]).to(dtype).cpu()
-        tensors["empty_context"] = encode_backbone_text(frozen.tokenizer, frozen.text_encoder, [""], device).to(dtype).cpu()
+        empty = encode_backbone_text(frozen.backbone, [""], device)
+        tensors["empty_context"] = empty.context.to(dtype).cpu()
+        tensors.update({f"empty_added.{k}": v.to(dtype).cpu() for k, v in empty.added.items()})
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     if accelerator.is_local_main_process:
         with atomic_dir(file.parent, overwrite=True) as tmp:
