@@ -326,13 +326,18 @@ class Registry:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """safe_load, but a key written twice in one mapping is an error instead of silently last-wins."""
+    """safe_load, but a key written twice in one mapping is an error instead of silently last-wins. The one
+    YAML loader of the project's data files: registry, language entries, grammars, benchmark prompt sets."""
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # ``<<: *base``: keys written here override what it brings, as YAML says
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, typing.Hashable):
+            continue  # SafeLoader's own error names it
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
@@ -343,21 +348,24 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def read_yaml(path: Path) -> Any:
-    """Parse one YAML file safely; every failure is a RegistryError naming the file (and line)."""
+def read_yaml(path: Path, error: typing.Callable[[Path, str | None, str], Exception] = RegistryError,
+              key: str | None = None) -> Any:
+    """Parse one YAML file safely (a key written twice is refused); every failure is ``error(path, key,
+    problem)`` naming the file (and line): a RegistryError, or the reader's own error class (the grammar
+    passes GrammarError and the key ``(yaml)``)."""
     if not path.is_file():
-        raise RegistryError(path, None, "file not found")
+        raise error(path, key, "file not found")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise RegistryError(path, None, f"cannot read: {exc}") from None
+        raise error(path, key, f"cannot read: {exc}") from None
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise RegistryError(path, None, f"not valid YAML: {where}{problem}") from None
+        raise error(path, key, f"not valid YAML: {where}{problem}") from None
 
 
 # --------------------------------------------------------------------------- typed parsing
