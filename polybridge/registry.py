@@ -17,8 +17,10 @@ import dataclasses
 import difflib
 import os
 import re
+import stat
 import types
 import typing
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +202,21 @@ class BenchmarkSpec:
 
 
 @dataclass(frozen=True)
+class DetectionSpec:
+    """What the router reads about this language besides its ``scripts``.
+
+    ``seed_words``: a word list in this folder (``seed_words.txt``, written by ``scripts/build_seed_words.py``
+    from the folder's hand-written ``prompt_words.txt`` and its grammar): frequent words of its prompts, one a
+    line, lowercase letters, ``#`` comments. The router has lingua score them when it loads, so that routing
+    rarely waits for lingua; they change how fast prompts route, never where. ``null``: none. ``words`` holds
+    them once the entry is loaded (checked by :func:`read_word_list`).
+    """
+
+    seed_words: str | None = None
+    words: tuple[str, ...] = _derived(())
+
+
+@dataclass(frozen=True)
 class LanguageEntry:
     """One registered language. ``encoder`` and ``branch`` are ``null`` for the backbone's own language."""
 
@@ -212,6 +229,7 @@ class LanguageEntry:
     data: DataSpec | None = None
     synthetic: SyntheticSpec | None = None
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
+    detection: DetectionSpec = field(default_factory=DetectionSpec)
     fallback: str = "zero-branch"
     folder: Path = _derived()
     file: Path = _derived()
@@ -227,6 +245,11 @@ class LanguageEntry:
     @property
     def grammar_path(self) -> Path | None:
         return None if self.synthetic is None else Path(self.resolve(self.synthetic.grammar))
+
+    @property
+    def seed_words(self) -> tuple[str, ...]:
+        """The router's seed words for this language (``detection.seed_words``; none when not given)."""
+        return self.detection.words
 
     @property
     def tokenizer_source(self) -> Path | str | None:
@@ -559,8 +582,53 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
         raise RegistryError(file, "benchmark.synthetic_prompts", f"must be at least 1, got {entry.benchmark.synthetic_prompts}")
 
 
-def load_language(folder: Path, code: str | None = None) -> LanguageEntry:
-    """Parse and check one ``languages/<code>/language.yaml``."""
+#: The largest word list a registry entry may name (bytes); the shipped ones are under 30 kB.
+WORD_LIST_MAX_BYTES = 1 << 20
+
+
+def is_list_word(word: str) -> bool:
+    """Whether ``word`` may stand on a line of a word list: one word of lowercase letters, NFC."""
+    return word.isalpha() and word == word.lower() and word == unicodedata.normalize("NFC", word)
+
+
+def read_word_list(path: Path, file: Path, key: str) -> tuple[str, ...]:
+    """The words of the word list ``path`` (named by ``key`` in the entry ``file``): one word a line, blank
+    lines and ``#`` comments skipped. A file that is missing, not a regular file, over WORD_LIST_MAX_BYTES,
+    not UTF-8, or with a line that is not one lowercase word, or a word twice, is a RegistryError naming the
+    entry, the key, the list and the line."""
+    try:
+        info = path.stat()
+    except OSError:
+        raise RegistryError(file, key, f"{path} does not exist; write it with "
+                            f"`python scripts/build_seed_words.py --langs {file.parent.name}`") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise RegistryError(file, key, f"{path} is not a regular file")
+    if info.st_size > WORD_LIST_MAX_BYTES:
+        raise RegistryError(file, key, f"{path} has {info.st_size:,} bytes; a word list may have at most "
+                            f"{WORD_LIST_MAX_BYTES:,}")
+    try:
+        text = path.read_bytes()[:WORD_LIST_MAX_BYTES + 1].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RegistryError(file, key, f"{path}: not UTF-8 (byte {exc.start})") from None
+    except OSError as exc:
+        raise RegistryError(file, key, f"cannot read {path}: {exc}") from None
+    words: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        word = line.strip()
+        if not word or word.startswith("#"):
+            continue
+        if not is_list_word(word):
+            raise RegistryError(file, key, f"{path}: line {number}: {word!r} is not one word of lowercase letters "
+                                "(NFC); write one word a line, # for comments")
+        if word in words:
+            raise RegistryError(file, key, f"{path}: line {number}: {word!r} is listed twice (also line {words[word]})")
+        words[word] = number
+    return tuple(words)
+
+
+def load_language(folder: Path, code: str | None = None, word_lists: bool = True) -> LanguageEntry:
+    """Parse and check one ``languages/<code>/language.yaml``; ``word_lists=False`` leaves the word lists it names
+    unread (for the script that writes them)."""
     folder = Path(folder).resolve()
     file = folder / LANGUAGE_FILE
     data = read_yaml(file)
@@ -569,11 +637,17 @@ def load_language(folder: Path, code: str | None = None) -> LanguageEntry:
     if entry.synthetic is not None and not is_local_source(entry.synthetic.grammar):
         entry = dataclasses.replace(entry, synthetic=dataclasses.replace(
             entry.synthetic, grammar="./" + entry.synthetic.grammar))
+    if entry.detection.seed_words and not is_local_source(entry.detection.seed_words):
+        entry = dataclasses.replace(entry, detection=dataclasses.replace(
+            entry.detection, seed_words="./" + entry.detection.seed_words))
     if entry.benchmark.prompt_sets:
         entry = dataclasses.replace(entry, benchmark=dataclasses.replace(entry.benchmark, prompt_sets=tuple(
             p if is_local_source(p) else "./" + p for p in entry.benchmark.prompt_sets)))
     entry = dataclasses.replace(entry, folder=folder, file=file)
     _check_language(entry, file, code or folder.name)
+    if entry.detection.seed_words is not None and word_lists:
+        words = read_word_list(Path(entry.resolve(entry.detection.seed_words)), file, "detection.seed_words")
+        entry = dataclasses.replace(entry, detection=dataclasses.replace(entry.detection, words=words))
     return entry
 
 

@@ -218,6 +218,24 @@ class Grammar:
             out.update(_all_texts(entries[key]))
         return frozenset(s for s in out if s.strip())
 
+    def texts(self) -> frozenset[str]:
+        """Every piece of text this grammar may write: each noun, attribute form and function word (every synonym,
+        agreement form and variant) and the words its templates write themselves (the router's seed words are
+        made from them, see ``scripts/build_seed_words.py``)."""
+        out = {t for nouns in self._nouns.values() for n in nouns for t in n.texts}
+        for categories in self._attributes.values():
+            for entries in categories.values():
+                for entry in entries.values():
+                    out |= _all_texts(entry)
+        for templates in self._templates.values():
+            for template in templates:
+                for part in template.parts:
+                    if part.__class__ is str:
+                        out.add(part)
+                    elif part.kind == "word":
+                        out |= _all_texts(part.entries)
+        return frozenset(t for t in out if t.strip())
+
     def noun_key(self, shape: str) -> str:
         """The ``words.shape`` key used for ``shape``: itself if named by this language, else ``object``."""
         return shape if shape in self._nouns else OBJECT
