@@ -46,8 +46,8 @@ def render_seed_words(code: str, name: str, folder: Path, grammar: Grammar | Non
         sections.append((f"{PROMPT_WORDS_FILE} (written by hand)", hand))
     if grammar is not None:
         own = sorted(set(scorer_words(grammar.texts())).difference(hand))
-        sections.append((f"{grammar.path.name} (the words the caption grammar may write; those not above)",
-                         tuple(own)))
+        sections.append((f"{grammar.path.name} (the words the caption grammar may write"
+                         f"{'; those not above' if hand else ''})", tuple(own)))
     lines = [
         f"# Seed words of {name} ({code}): frequent words of its prompts, which the router has lingua score when it",
         "# loads, so that routing rarely waits for lingua; they change how fast prompts route, never where.",
