@@ -52,7 +52,7 @@ Lingua costs ~45 us for each word it has not scored before; the rest of routing 
 - **Seed words**: each language's entry may name a list of frequent words of its prompts
   (``detection.seed_words``: ``languages/<code>/seed_words.txt``, written by ``scripts/build_seed_words.py``
   from the hand-written ``prompt_words.txt`` and the words of its grammar; no scores). Those of the languages
-  the detector tells apart (en/es/fr/de: ~4,400 words) are scored by lingua when it loads, once a process
+  the detector tells apart (en/es/fr/de: ~4,500 words) are scored by lingua when it loads, once a process
   (~0.15 s beside lingua's own 1.2-2.5 s). A new prompt's common words then cost a look-up. Their scores are
   lingua's, so plans are the same with or without them (tested).
 - **Batches**: :meth:`Router.plan_many` (``polybridge route --file``, ``generate`` and the pipeline use it)
