@@ -208,12 +208,11 @@ class DetectionSpec:
     ``seed_words``: a word list in this folder (``seed_words.txt``, written by ``scripts/build_seed_words.py``
     from the folder's hand-written ``prompt_words.txt`` and its grammar): frequent words of its prompts, one a
     line, lowercase letters, ``#`` comments. The router has lingua score them when it loads, so that routing
-    rarely waits for lingua; they change how fast prompts route, never where. ``null``: none. ``words`` holds
-    them once the entry is loaded (checked by :func:`read_word_list`).
+    rarely waits for lingua; they change how fast prompts route, never where. ``null``: none. The list is
+    checked when the entry loads (:func:`read_word_list`); :attr:`LanguageEntry.seed_words` reads it.
     """
 
     seed_words: str | None = None
-    words: tuple[str, ...] = _derived(())
 
 
 @dataclass(frozen=True)
@@ -248,8 +247,12 @@ class LanguageEntry:
 
     @property
     def seed_words(self) -> tuple[str, ...]:
-        """The router's seed words for this language (``detection.seed_words``; none when not given)."""
-        return self.detection.words
+        """The router's seed words for this language (the list ``detection.seed_words`` names; none when not
+        given). Read from the file on each call (a few ms; the router reads them once), so that the entry stays
+        what its file says."""
+        if self.detection.seed_words is None:
+            return ()
+        return read_word_list(Path(self.resolve(self.detection.seed_words)), self.file, "detection.seed_words")
 
     @property
     def tokenizer_source(self) -> Path | str | None:
@@ -645,9 +648,8 @@ def load_language(folder: Path, code: str | None = None, word_lists: bool = True
             p if is_local_source(p) else "./" + p for p in entry.benchmark.prompt_sets)))
     entry = dataclasses.replace(entry, folder=folder, file=file)
     _check_language(entry, file, code or folder.name)
-    if entry.detection.seed_words is not None and word_lists:
-        words = read_word_list(Path(entry.resolve(entry.detection.seed_words)), file, "detection.seed_words")
-        entry = dataclasses.replace(entry, detection=dataclasses.replace(entry.detection, words=words))
+    if word_lists:
+        entry.seed_words  # noqa: B018 - reads and checks the list: a broken one fails here, not when routing
     return entry
 
 
