@@ -610,7 +610,7 @@ def read_word_list(path: Path, file: Path, key: str) -> tuple[str, ...]:
         raise RegistryError(file, key, f"{path} has {info.st_size:,} bytes; a word list may have at most "
                             f"{WORD_LIST_MAX_BYTES:,}")
     try:
-        text = path.read_bytes()[:WORD_LIST_MAX_BYTES + 1].decode("utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RegistryError(file, key, f"{path}: not UTF-8 (byte {exc.start})") from None
     except OSError as exc:
