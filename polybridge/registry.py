@@ -17,8 +17,10 @@ import dataclasses
 import difflib
 import os
 import re
+import stat
 import types
 import typing
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +197,20 @@ class BenchmarkSpec:
 
 
 @dataclass(frozen=True)
+class DetectionSpec:
+    """What the router reads about this language besides its ``scripts``.
+
+    ``seed_words``: a word list in this folder (``seed_words.txt``, written by ``scripts/build_seed_words.py``
+    from the folder's hand-written ``prompt_words.txt`` and its grammar): frequent words of its prompts, one a
+    line, lowercase letters, ``#`` comments. The router has lingua score them when it loads, so that routing
+    rarely waits for lingua; they change how fast prompts route, never where. ``null``: none. The list is
+    checked when the entry loads (:func:`read_word_list`); :attr:`LanguageEntry.seed_words` reads it.
+    """
+
+    seed_words: str | None = None
+
+
+@dataclass(frozen=True)
 class LanguageEntry:
     """One registered language. ``encoder`` and ``branch`` are ``null`` for the backbone's own language."""
 
@@ -207,6 +223,7 @@ class LanguageEntry:
     data: DataSpec | None = None
     synthetic: SyntheticSpec | None = None
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
+    detection: DetectionSpec = field(default_factory=DetectionSpec)
     fallback: str = "zero-branch"
     folder: Path = _derived()
     file: Path = _derived()
@@ -222,6 +239,15 @@ class LanguageEntry:
     @property
     def grammar_path(self) -> Path | None:
         return None if self.synthetic is None else Path(self.resolve(self.synthetic.grammar))
+
+    @property
+    def seed_words(self) -> tuple[str, ...]:
+        """The router's seed words for this language (the list ``detection.seed_words`` names; none when not
+        given). Read from the file on each call (a few ms; the router reads them once), so that the entry stays
+        what its file says."""
+        if self.detection.seed_words is None:
+            return ()
+        return read_word_list(Path(self.resolve(self.detection.seed_words)), self.file, "detection.seed_words")
 
     @property
     def tokenizer_source(self) -> Path | str | None:
@@ -321,13 +347,18 @@ class Registry:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """safe_load, but a key written twice in one mapping is an error instead of silently last-wins."""
+    """safe_load, but a key written twice in one mapping is an error instead of silently last-wins. The one
+    YAML loader of the project's data files: registry, language entries, grammars, benchmark prompt sets."""
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # ``<<: *base``: keys written here override what it brings, as YAML says
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, typing.Hashable):
+            continue  # SafeLoader's own error names it
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
@@ -338,21 +369,24 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def read_yaml(path: Path) -> Any:
-    """Parse one YAML file safely; every failure is a RegistryError naming the file (and line)."""
+def read_yaml(path: Path, error: typing.Callable[[Path, str | None, str], Exception] = RegistryError,
+              key: str | None = None) -> Any:
+    """Parse one YAML file safely (a key written twice is refused); every failure is ``error(path, key,
+    problem)`` naming the file (and line): a RegistryError, or the reader's own error class (the grammar
+    passes GrammarError and the key ``(yaml)``)."""
     if not path.is_file():
-        raise RegistryError(path, None, "file not found")
+        raise error(path, key, "file not found")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise RegistryError(path, None, f"cannot read: {exc}") from None
+        raise error(path, key, f"cannot read: {exc}") from None
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise RegistryError(path, None, f"not valid YAML: {where}{problem}") from None
+        raise error(path, key, f"not valid YAML: {where}{problem}") from None
 
 
 # --------------------------------------------------------------------------- typed parsing
@@ -547,8 +581,53 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
         raise RegistryError(file, "benchmark.synthetic_prompts", f"must be at least 1, got {entry.benchmark.synthetic_prompts}")
 
 
-def load_language(folder: Path, code: str | None = None) -> LanguageEntry:
-    """Parse and check one ``languages/<code>/language.yaml``."""
+#: The largest word list a registry entry may name (bytes); the shipped ones are under 30 kB.
+WORD_LIST_MAX_BYTES = 1 << 20
+
+
+def is_list_word(word: str) -> bool:
+    """Whether ``word`` may stand on a line of a word list: one word of lowercase letters, NFC."""
+    return word.isalpha() and word == word.lower() and word == unicodedata.normalize("NFC", word)
+
+
+def read_word_list(path: Path, file: Path, key: str) -> tuple[str, ...]:
+    """The words of the word list ``path`` (named by ``key`` in the entry ``file``): one word a line, blank
+    lines and ``#`` comments skipped. A file that is missing, not a regular file, over WORD_LIST_MAX_BYTES,
+    not UTF-8, or with a line that is not one lowercase word, or a word twice, is a RegistryError naming the
+    entry, the key, the list and the line."""
+    try:
+        info = path.stat()
+    except OSError:
+        raise RegistryError(file, key, f"{path} does not exist; write it with "
+                            f"`python scripts/build_seed_words.py --langs {file.parent.name}`") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise RegistryError(file, key, f"{path} is not a regular file")
+    if info.st_size > WORD_LIST_MAX_BYTES:
+        raise RegistryError(file, key, f"{path} has {info.st_size:,} bytes; a word list may have at most "
+                            f"{WORD_LIST_MAX_BYTES:,}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RegistryError(file, key, f"{path}: not UTF-8 (byte {exc.start})") from None
+    except OSError as exc:
+        raise RegistryError(file, key, f"cannot read {path}: {exc}") from None
+    words: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        word = line.strip()
+        if not word or word.startswith("#"):
+            continue
+        if not is_list_word(word):
+            raise RegistryError(file, key, f"{path}: line {number}: {word!r} is not one word of lowercase letters "
+                                "(NFC); write one word a line, # for comments")
+        if word in words:
+            raise RegistryError(file, key, f"{path}: line {number}: {word!r} is listed twice (also line {words[word]})")
+        words[word] = number
+    return tuple(words)
+
+
+def load_language(folder: Path, code: str | None = None, word_lists: bool = True) -> LanguageEntry:
+    """Parse and check one ``languages/<code>/language.yaml``; ``word_lists=False`` leaves the word lists it names
+    unread (for the script that writes them)."""
     folder = Path(folder).resolve()
     file = folder / LANGUAGE_FILE
     data = read_yaml(file)
@@ -557,11 +636,16 @@ def load_language(folder: Path, code: str | None = None) -> LanguageEntry:
     if entry.synthetic is not None and not is_local_source(entry.synthetic.grammar):
         entry = dataclasses.replace(entry, synthetic=dataclasses.replace(
             entry.synthetic, grammar="./" + entry.synthetic.grammar))
+    if entry.detection.seed_words and not is_local_source(entry.detection.seed_words):
+        entry = dataclasses.replace(entry, detection=dataclasses.replace(
+            entry.detection, seed_words="./" + entry.detection.seed_words))
     if entry.benchmark.prompt_sets:
         entry = dataclasses.replace(entry, benchmark=dataclasses.replace(entry.benchmark, prompt_sets=tuple(
             p if is_local_source(p) else "./" + p for p in entry.benchmark.prompt_sets)))
     entry = dataclasses.replace(entry, folder=folder, file=file)
     _check_language(entry, file, code or folder.name)
+    if word_lists:
+        entry.seed_words  # noqa: B018 - reads and checks the list: a broken one fails here, not when routing
     return entry
 
 

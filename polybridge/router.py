@@ -49,10 +49,12 @@ Speed
 Lingua costs ~45 us for each word it has not scored before; the rest of routing ~20 us a prompt (CPU time,
 2-core machine). So:
 
-- **Seed words**: :data:`SEED_WORDS`, ~4,400 frequent words of en/es/fr/de prompts (function words,
-  subjects, colours, styles, tags; written by hand, no scores), are scored by lingua when it loads, once a
-  process (~0.15 s beside lingua's own 1.2-2.5 s). A new prompt's common words then cost a look-up. Their
-  scores are lingua's, so plans are the same with or without them (tested).
+- **Seed words**: each language's entry may name a list of frequent words of its prompts
+  (``detection.seed_words``: ``languages/<code>/seed_words.txt``, written by ``scripts/build_seed_words.py``
+  from the hand-written ``prompt_words.txt`` and the words of its grammar; no scores). Those of the languages
+  the detector tells apart (en/es/fr/de: ~4,500 words) are scored by lingua when it loads, once a process
+  (~0.15 s beside lingua's own 1.2-2.5 s). A new prompt's common words then cost a look-up. Their scores are
+  lingua's, so plans are the same with or without them (tested).
 - **Batches**: :meth:`Router.plan_many` (``polybridge route --file``, ``generate`` and the pipeline use it)
   gives lingua the new words of all its prompts in one call, which lingua's Rust threads share out
   (``compute_language_confidence_values_in_parallel``, from PARALLEL_MIN new words); the same plans.
@@ -271,15 +273,15 @@ class WordScorer:
     """Log-confidences of words among ``codes``, from lingua, cached per word. Lingua loads on first use.
 
     ``seed``: words scored (by lingua, in one batch) when lingua loads, so that the frequent words of prompts
-    never cost a lingua call while routing; by default :data:`SEED_WORDS`; ``()`` for none. They are scored
-    once a process (like lingua's models, shared by all scorers) and stay cached when the cache is cleared (it
-    is, when it holds ``cache_size`` words beyond them)."""
+    never cost a lingua call while routing (a router passes its languages' seed words, see :class:`Router`);
+    none by default. They are scored once a process (like lingua's models, shared by all scorers) and stay
+    cached when the cache is cleared (it is, when it holds ``cache_size`` words beyond them)."""
 
-    def __init__(self, codes: Sequence[str], cache_size: int = WORD_CACHE_SIZE, seed: Iterable[str] | None = None):
+    def __init__(self, codes: Sequence[str], cache_size: int = WORD_CACHE_SIZE, seed: Iterable[str] = ()):
         self.codes = tuple(codes)
         self.cache_size = cache_size
         self._cache: dict[str, tuple[float, ...]] = {}
-        self._seed_words = tuple(seed_words() if seed is None else seed)
+        self.seed_words = scorer_words(seed)
         self._seed: Mapping[str, tuple[float, ...]] = {}
         self._detector: Any = None
         self._index: dict[Any, int] | None = None
@@ -287,8 +289,8 @@ class WordScorer:
 
     def _load(self) -> None:
         self._detector, self._index = _lingua_detector(self.codes)
-        if self._detector is not None and self._seed_words:
-            self._seed = _seed_scores(self.codes, self._seed_words)
+        if self._detector is not None and self.seed_words:
+            self._seed = _seed_scores(self.codes, self.seed_words)
             self._cache.update(self._seed)
 
     @property
@@ -368,13 +370,16 @@ class Router:
     ``languages`` maps each code to the scripts it is written in; ``routes`` maps a code to its target
     (``backbone``, ``branch``, ``error`` or ``not-loaded``; default: ``backbone`` for the backbone's
     language, ``branch`` for the rest) and ``untrained`` names languages whose branch is not trained.
+    ``seed_words`` maps a code to its seed words (the registry entry's ``detection.seed_words``): the detector
+    has lingua score those of the languages it tells apart when it loads (Speed, in the module docstring).
     Plans are cached per prompt (``cache_size`` prompts, 0: none).
     """
 
     def __init__(self, languages: Mapping[str, Sequence[str]], *, backbone_language: str = "en",
                  fallback_language: str | None = None, threshold: float = 0.5,
                  routes: Mapping[str, str] | None = None, untrained: Sequence[str] = (),
-                 cache_size: int = PLAN_CACHE_SIZE, scorer: WordScorer | None = None):
+                 cache_size: int = PLAN_CACHE_SIZE, scorer: WordScorer | None = None,
+                 seed_words: Mapping[str, Iterable[str]] | None = None):
         if not languages:
             raise ValueError("a router needs at least one language")
         self.languages = {code: tuple(scripts) for code, scripts in languages.items()}
@@ -403,7 +408,10 @@ class Router:
         self._claims.append(frozenset())  # _OTHER: letters of an unlisted script
         tied = [c for c, s in self.languages.items()
                 if sum(set(o) == set(s) for o in self.languages.values()) > 1]
-        self.scorer = scorer if scorer is not None else (WordScorer(tied) if tied else None)
+        if scorer is None and tied:
+            seed = [w for code in tied for w in (seed_words or {}).get(code, ())]
+            scorer = WordScorer(tied, seed=seed)
+        self.scorer = scorer
         self._strategies: dict[frozenset[str], tuple[Any, ...]] = {}
         self._setups: dict[frozenset[str], tuple[list[int], list[float]] | None] = {}
         self._ascii_setup: Any = None  # _plan_ascii: the detector setup of Latin text, False: not its case
@@ -418,8 +426,10 @@ class Router:
                       untrained: Sequence[str] | None = None, **kwargs: Any) -> Router:
         """A router over every registered language. By default a language's target and ``trained`` flag come
         from its entry: a trained branch (weights present or a hub id) is ``branch``; an untrained one
-        follows its ``fallback`` (``zero-branch``: ``branch``, untrained; ``backbone``; ``error``)."""
+        follows its ``fallback`` (``zero-branch``: ``branch``, untrained; ``backbone``; ``error``). Each entry's
+        seed words come along (``seed_words``)."""
         backbone = registry.backbone().language
+        kwargs.setdefault("seed_words", {c: e.seed_words for c, e in registry.languages.items()})
         default_routes, default_untrained = {}, []
         for code, entry in registry.languages.items():
             if code == backbone or entry.is_backbone_language:
@@ -868,309 +878,13 @@ def format_scores(scores: Mapping[str, Any]) -> str:
     lines += [f"  miss: {m['prompt']!r}: expected {m['expected']}, got {m['got']}" for m in scores["misses"]]
     return "\n".join(lines)
 
+
 # --------------------------------------------------------------------------- seed words
 
-#: Frequent words of image prompts, scored by lingua in one batch when it loads (:class:`WordScorer`), so that
-#: routing new prompts rarely waits for lingua (~45 us a new word). Only the words are listed here, never their
-#: scores: those are lingua's. Written by hand from general frequency (function words, common subjects,
-#: colours, styles and prompt tags), not taken from the router's test set; a word missing here costs one lingua
-#: call the first time, nothing more. By language only for the reader: every word is scored among all of them.
-SEED_WORDS: Mapping[str, str] = types.MappingProxyType({
-    "en": """
-a an the of in on at to for with without from by and or but not no nor is are was were be been being am this
-that these those it its it's he she they them his her their hers my your our we you i me us him there here where
-when while who whom whose which what how why as like than then so too also only just very more most less least
-some any all each every both either neither one two three four five six seven eight nine ten first second third
-many few much several other another such same own new old over under above below behind between near into onto
-out up down through across around against along inside outside beside before after during until since about off
-upon within toward towards among beneath next far away back front top bottom left right middle center side full
-half masterpiece best quality high highly detailed detail details ultra extremely intricate realistic
-photorealistic hyperrealistic hyper realism photo photograph photography photographic portrait landscape
-illustration painting painted drawing drawn sketch art artwork artistic digital concept render rendered
-rendering unreal engine octane blender cinematic lighting light lights lit soft hard dramatic volumetric rim
-ambient natural studio golden hour sunset sunrise night day morning evening dusk dawn twilight noon background
-foreground white black dark bright colorful vibrant pastel warm cold cool moody atmospheric atmosphere foggy fog
-mist misty rain rainy snow snowy winter summer spring autumn fall sky clouds cloud cloudy sun sunny sunlight
-moonlight moon stars star starry ocean sea beach coast shore wave waves lake river stream waterfall mountain
-mountains hill hills valley forest woods jungle tree trees leaf leaves flower flowers rose roses garden field
-fields meadow grass desert sand island cave rock rocks stone city street streets road path bridge building
-buildings house home cottage cabin castle palace tower temple church cathedral shrine village town skyline alley
-market shop cafe restaurant bar station harbor harbour port park square cyberpunk steampunk fantasy sci fi scifi
-futuristic medieval ancient modern vintage retro classic gothic baroque renaissance victorian anime manga
-cartoon comic style styled stylized trending artstation deviantart pixiv behance unsplash featured award winning
-epic magical mystical dreamy surreal whimsical ethereal cozy cosy peaceful serene calm quiet lonely mysterious
-creepy horror scary cute kawaii chibi pixel isometric lowpoly poly voxel minimalist minimal minimalism simple
-elegant abstract geometric pattern texture textures seamless tileable wallpaper poster cover album logo icon
-sticker tattoo character design sheet reference turnaround pose dynamic action scene composition centered
-symmetrical symmetry rule thirds perspective closeup close shot view wide angle lens macro telephoto fisheye
-aerial drone bird's eye level low depth focus focused bokeh blur blurry blurred sharp sharpness clear clean
-crisp smooth grainy grain film noise analog polaroid kodak portra fujifilm cinestill canon nikon sony leica dslr
-mirrorless camera photographer hdr uhd hd resolution highres absurdres oil watercolor watercolour acrylic
-gouache ink pencil charcoal crayon chalk pen ukiyo woodblock print engraving etching lithograph fresco mural
-mosaic stained sculpture statue marble bronze clay origami paper papercut collage photobash matte impressionism
-impressionist expressionism cubism surrealism pop hyperrealism photorealism nouveau deco bauhaus cat cats kitten
-dog dogs puppy bird birds horse horses fox wolf bear lion tiger dragon dragons fish owl rabbit bunny deer animal
-animals butterfly bee spider snake frog turtle whale dolphin shark octopus elephant monkey panda penguin eagle
-crow raven swan duck chicken cow sheep pig mouse unicorn phoenix creature monster beast robot robots android
-cyborg mecha mech alien astronaut knight warrior samurai ninja wizard witch mage elf dwarf fairy angel demon
-vampire zombie ghost princess queen king prince soldier pirate viking cowboy detective scientist doctor chef
-student teacher girl girls boy boys woman women man men people person child children kid kids baby young elderly
-lady gentleman couple family friends crowd beautiful pretty handsome gorgeous stunning lovely smiling smile
-smiles happy sad angry serious laughing crying looking viewer staring long short curly straight hair haired eyes
-face faces lips skin hand hands arms legs body head wearing dress dresses shirt jacket coat hat hoodie suit
-uniform kimono armor armour cloak cape robe skirt jeans boots shoes glasses sunglasses scarf gloves jewelry
-necklace earrings crown mask red blue green yellow orange purple violet pink brown gray grey gold silver teal
-cyan magenta turquoise beige cream crimson scarlet navy emerald amber ivory monochrome monochromatic sepia neon
-glowing glow shiny metallic transparent translucent iridescent holographic wooden wood glass metal steel iron
-plastic leather silk velvet fur feathers crystal crystals ice fire flames smoke water wind storm thunder
-lightning shadow shadows reflection reflections small big large little tiny huge giant massive tall thin fat
-round flat deep narrow heavy sitting standing walking running flying floating swimming dancing fighting holding
-reading sleeping eating drinking playing jumping riding lying leaning kneeling posing falling burning melting
-table chair window door room bedroom living kitchen bathroom library office interior exterior architecture
-furniture sofa couch bed lamp candle candles book books mirror clock vase food coffee tea cup mug bowl plate
-fruit fruits apple apples bread cake pizza burger sushi ramen noodles soup salad dessert chocolate wine beer
-bottle car cars truck bus train trains ship ships boat boats plane airplane bicycle bike motorcycle rocket
-spaceship spacecraft space planet planets galaxy nebula universe cosmic earth world map sword shield gun weapon
-bow arrow staff christmas halloween birthday wedding party festival holiday lantern lanterns fireworks umbrella
-flag balloon balloons gift featuring inspired vector shading cel shaded toon image picture scenery vista
-panorama horizon silhouette figure subject object objects frame framed border still movie trailer screenshot
-game video environment environments levels scenes seascape cityscape nightscape architectural skyscraper
-skyscrapers towers lighthouse windmill farm barn fence gate wall walls roof stairs staircase hallway corridor
-balcony terrace porch courtyard fountain pond pool canal dock pier lagoon bay cliff cliffs canyon volcano
-glacier iceberg peak peaks summit ridge slope plains prairie savanna tundra swamp marsh reef coral seaweed shell
-shells pebbles skies cloudscape rainbow aurora borealis eclipse comet meteor thunderstorm tornado hurricane
-blizzard sunbeam sunbeams rays haze smog dust petals petal blossom blossoms bloom blooming cherry sakura lotus
-tulip tulips sunflower sunflowers daisy lily orchid lavender ivy vines moss fern ferns mushroom mushrooms cactus
-palm pine oak maple birch willow bamboo branches branch roots trunk bush bushes hedge lawn harvest wheat corn
-vineyard orchard puppies kittens wolves foxes bears lions tigers eagles owls hawk falcon parrot peacock flamingo
-hummingbird sparrow pigeon seagull goose geese hen rooster lamb goat donkey camel giraffe zebra rhino hippo
-kangaroo koala sloth squirrel hedgehog raccoon otter beaver bat bats lizard crocodile dinosaur jellyfish crab
-lobster starfish seahorse ant ants beetle dragonfly moth ladybug snail worm insects insect pet pets wildlife
-selfie headshot profile grinning frowning thoughtful pensive melancholic joyful cheerful tired sleepy curious
-surprised scared brave proud graceful freckles beard mustache wrinkles tattoos piercings makeup lipstick blonde
-brunette redhead ginger bald ponytail braid braids bun bangs fringe wavy messy shoulder length hairstyle tan
-pale skinned muscular slim athletic chubby aged teenage teenager adult grandmother grandfather mother father
-daughter son sister brother bride groom nurse farmer fisherman sailor monk nun priest shaman geisha maid butler
-worker workers businessman musician painter artist dancer ballerina singer guitarist pianist athlete runner
-surfer skier climber hiker traveler tourist explorer adventurer hunter archer assassin thief rogue paladin
-cleric necromancer sorcerer goddess god hero heroine villain superhero mermaid centaur golem troll orc goblin
-gnome werewolf skeleton lich titan sweater cardigan blouse vest tie bowtie overalls apron pajamas bikini
-swimsuit raincoat trench poncho shawl veil turban helmet beanie cap hood hooded gown tuxedo corset kilt sari
-sandals sneakers heels slippers backpack bag purse cane wand scroll compass torch candlelight fireplace campfire
-bonfire stove oven kettle teapot teacup spoon fork knife chopsticks basket jar barrel crate box boxes chest
-treasure coins gem gems jewel jewels ring rings pearl pearls diamond ruby sapphire ornament ornaments
-decorations garland wreath ribbon bell bells toy toys doll teddy kite breakfast lunch dinner meal feast picnic
-bakery pastry croissant cookies cookie pie tart muffin donut pancakes waffles honey jam butter cheese egg eggs
-bacon steak rice dumplings curry tacos burrito sandwich fries popcorn candy lollipop icecream smoothie juice
-lemonade milk cocktail whiskey champagne berries strawberry strawberries cherries grapes lemon lemons banana
-peach pear watermelon pineapple mango coconut tomato tomatoes carrot vegetables pumpkin pumpkins potato onion
-garlic pepper spices herbs scooter tram subway metro taxi van jeep tractor helicopter airship sailboat yacht
-canoe kayak submarine rocketship satellite ufo guitar piano violin drum drums flute trumpet microphone
-headphones radio television computer laptop phone smartphone screen monitor keyboard tripod afternoon midnight
-daylight nighttime daytime sunlit moonlit candlelit backlit backlight backlighting sidelight spotlight
-spotlights streetlights streetlight lamplight firelight shimmering sparkling sparkles glitter dusty rusty
-weathered worn broken abandoned ruined ruins overgrown hidden secret forgotten lost empty crowded busy bustling
-silent frozen wet dry hot windy stormy gloomy bleak vivid saturated desaturated muted faded contrast key
-exposure motion tilt shift symmetric asymmetric diagonal leading lines negative minimalistic detailing linework
-lineart outline gradient highlights midtones grading graded color colour colored coloured tones tone toned
-palette hue raytracing ray tracing global illumination subsurface scattering physically based pbr hyperdetailed
-intricately finely delicate ornate decorative luxurious rustic industrial urban rural suburban tropical arctic
-alpine nordic scandinavian japanese chinese korean indian french spanish german italian russian arabic african
-american european asian mediterranean celtic egyptian greek roman aztec mayan oriental western eastern northern
-southern traditional contemporary classical folk tribal ethnic cultural historic historical mythological
-mythology legend legendary fairytale storybook children's act add again age ago air almost alone already
-although always amount answer anything appear area arm army ask attention bad ball bank base beat because become
-begin believe better beyond bill bit blood blow board born brain break bring build burn business buy call camp
-can capital captain care carry case catch cause cell century certain chance change check choose circle class
-climb cloth clothes collect college colony column come common company compare complete condition consider
-contain continent continue control cook copy corner correct cost cotton could count country course crease create
-crop cross cry current cut dance danger dead deal dear death decide degree describe develop die difference
-different difficult direct direction discover distance divide does dollar done double draw dream drink drive
-drop ear early east easy eat edge effect electric element else end enemy energy enough enter entire equal
-especially even event ever exact example except excite exercise expect experience experiment fact fair famous
-fast fear feed feel feet fig fight fill final find fine finger finish fit floor flow fly follow foot force form
-forward found free fresh friend fun gas gather general gentle get give glad go gone good got govern grand great
-grew ground group grow guess guide hall happen has have hear heard heart heat held help history hit hold hole
-hope human hundred hunt hurry idea imagine inch include industry instant instrument interest job join joy jump
-keep kept kill kind knew know land language last late laugh law lay lead learn leave led leg let letter lie life
-lift line liquid list listen live locate look lot loud love machine made magnet main major make mark mass master
-match material matter may mean measure meat meet melody method might mile million mind mine minute miss moment
-money month mount mouth move music must name nation nature necessary neck need neighbor nest never north nose
-note nothing notice now number observe offer often once open opposite order page paint pair parent part pass
-past pay perhaps period pick piece place plain plan plant play please plural poem point poor populate position
-possible post pound power practice prepare present press probable problem process produce product proper
-property protect prove provide pull push put quart question quick quite race raise range rather reach read ready
-real reason receive record region remember repeat reply rest result rich ride rise roll root rope row rub run
-safe sail salt save saw say scale school science score search season seat section see seed seem self sell send
-sense sentence separate serve set settle shall shape share shine shoe should shout show sign similar sing single
-sit size skill sleep slip slow smell soil solution solve song soon sound south speak special speech speed spell
-spend spoke spot spread stand start state stay stead steam step stick stood stop store story strange stretch
-string strong study substance success sudden suffix sugar suggest supply support sure surface surprise swim
-syllable symbol system tail take talk teach team teeth tell temperature term test thank thick thing think though
-thought thousand throw time tire together told took tool total touch track trade travel triangle trip trouble
-true try tube turn twenty type unit use usual value vary visit voice vowel wait walk want war wash watch way
-wear weather week weight well went west wheel whether whole wife wild will win wing wire wish wonder word work
-would write written wrong yard year yes yet walks sits stands runs flies swims sleeps holds looks wears plays
-reads eats drinks walked sat ran flew swam slept looked wore played ate drank smiled covered filled surrounded
-decorated dressed wrapped reflecting overlooking hanging growing shining rising breaking crashing exploding
-swirling flowing rushing dripping twinkling perched nestled tucked scattered piled stacked lined carved woven
-knitted embroidered printed stitched handmade homemade crafted sculpted enormous gigantic towering miniature
-majestic humble fancy old-fashioned antique timeless eternal immortal mortal brilliant radiant luminous dim
-faint harsh subtle bold chilly icy frosty breezy humid arid lush barren rocky sandy muddy grassy leafy flowery
-woody hilly mountainous snowcapped loving friendly fierce fearless shy wise clever playful lazy hungry thirsty
-excited bored nervous""",
-    "es": """
-de la el en y a los las un una unos unas que del por con para se al lo como más su sus o pero sin sobre entre
-bajo hacia desde hasta muy es son está están era hay este esta estos estas ese esa eso aquel aquella mi tu
-nuestro nuestra cuando donde mientras también solo todo toda todos todas cada otro otra mismo misma dos tres
-cuatro cinco primer primera nuevo nueva viejo vieja gran grande grandes pequeño pequeña pequeños pequeñas alto
-alta baja largo larga corto corta gato gatos gatito perro perros perrito pájaro pájaros caballo zorro lobo oso
-león tigre dragón pez peces búho lechuza conejo ciervo mariposa abeja serpiente tortuga ballena delfín tiburón
-elefante mono águila pato gallina vaca oveja cerdo ratón unicornio niña niño niñas niños mujer mujeres hombre
-hombres persona personas gente anciano anciana joven chica chico señora señor pareja familia bebé princesa reina
-rey caballero guerrero bruja mago hermoso hermosa bonito bonita lindo linda precioso preciosa feliz triste
-sonriente sonriendo ciudad calle calles casa casas castillo torre iglesia catedral pueblo aldea puente camino
-edificio mercado plaza parque jardín bosque selva árbol árboles hoja hojas flor flores rosa rosas campo prado
-playa costa mar océano ola olas lago río cascada montaña montañas colina valle desierto isla cueva roca piedra
-cielo nube nubes sol luna estrella estrellas noche día mañana tarde atardecer amanecer anochecer invierno verano
-primavera otoño nieve lluvia niebla tormenta viento luz luces sombra sombras fuego agua hielo humo rojo roja
-rojos rojas azul azules verde verdes amarillo amarilla blanco blanca blancos blancas negro negra negros negras
-dorado dorada plateado plateada gris morado morada rosado rosada naranja marrón violeta oscuro oscura claro
-clara brillante brillantes colorido colorida colores color retrato paisaje pintura dibujo ilustración foto
-fotografía estilo acuarela óleo lienzo arte obra realista detallado detallada detalles calidad iluminación
-cinematográfica cinematográfico fondo plano suave dramática dramático cálida cálido fría frío antiguo antigua
-moderno moderna futurista mágico mágica fantasía medieval tradicional clásico clásica surrealista abstracto
-comida mesa silla ventana puerta habitación cocina libro libros vela velas lámpara taza café té plato pan fruta
-frutas manzana pastel vino coche tren barco avión bicicleta nave espacio planeta robot astronauta sentado
-sentada durmiendo caminando volando corriendo leyendo jugando bailando mirando encima junto cerca lejos dentro
-fuera delante detrás alrededor lleno llena vestido vestida sombrero pelo cabello ojos cara imagen escena vista
-paisajes retratos pinturas cuadro lámina maestra mejor detalle realismo fotorrealista hiperrealista digital
-anime dibujos animados cómic caricatura boceto tinta lápiz carboncillo grabado mural mosaico escultura estatua
-natural tenue brillo brillos reflejos neblina bruma puesta crepúsculo madrugada medianoche estrellado nublado
-soleado lluvioso nevado tormentoso invernal veraniego otoñal primaveral tropical enorme diminuto hermosos
-hermosas bonitos bonitas lindos lindas tranquilo tranquila silencioso misterioso misteriosa mágicos mágicas
-encantado encantada abandonado abandonada vacío vacía coloridos coloridas luminoso luminosa caballos aves lobos
-zorros osos leones tigres dragones búhos conejos mariposas ríos lagos playas ciudades castillos torres puentes
-bosques campos jardines rocas piedras ramas raíces mayor sabio guerrera hada pirata marinero pescador campesino
-campesina bailarina músico pintor capa armadura corona espada escudo farol linterna queso jarrón cama escalera
-balcón tejado pared muro adoquines fuente templo nocturna nocturno arena volcán jungla acantilado frente debajo
-tiene mira camina corre vuela duerme lee juega baila canta come bebe sonríe llora espera cantando comiendo
-bebiendo llorando esperando parado parada pie acostado acostada uno e u ni quien cual cuyo cuanto porque pues si
-no sí ya aún todavía siempre nunca jamás tampoco mucho mucha muchos muchas poco poca pocos pocas bastante
-demasiado menos tan tanto tanta tantos tantas algo nada alguien nadie alguno alguna algunos algunas ninguno
-ninguna otros otras mismos mismas esos esas aquellos aquellas mío mía tuyo tuya suyo suya nuestros nuestras ser
-estar haber tener hacer poder decir ir ver dar saber querer llegar pasar deber poner parecer quedar creer hablar
-llevar dejar seguir encontrar llamar venir pensar salir volver tomar conocer vivir sentir tratar mirar contar
-empezar esperar buscar existir entrar trabajar escribir perder producir ocurrir entender pedir recibir recordar
-terminar permitir aparecer conseguir comenzar servir sacar necesitar mantener resultar leer caer cambiar
-presentar crear abrir considerar oír acabar convertir ganar formar traer partir morir aceptar realizar suponer
-comprender lograr explicar eran fue fueron será estaba estaban había tienen tenía hace hacen va van viene vienen
-sale salen lleva llevan miran sostiene sostienen usa usan llenos llenas tiempo vida mundo año años días vez
-veces país forma parte lugar caso gobierno momento trabajo historia mano manos cabeza cuerpo corazón nombre
-palabra tierra aire hora horas semana mes guerra paz amor muerte padre madre hijo hija hermano hermana amigo
-amiga amigos animal suelo techo baño dinero música bueno malo peor ancho estrecho fuerte débil rápido lento
-caliente limpio sucio feo rico pobre abierto cerrado primero último juntos arriba abajo""",
-    "fr": """
-de la le les et à un une des du en dans sur sous avec pour par sans au aux ce cet cette ces qui que est sont
-était il elle ils elles on son sa ses leur leurs mon ma mes ton ta notre votre très plus moins tout toute tous
-toutes chaque autre même deux trois quatre cinq premier première nouveau nouvelle vieux vieille ancien ancienne
-grand grande grands grandes petit petite petits petites haut haute long longue court courte entre vers chez près
-loin devant derrière autour pendant chat chats chaton chien chiens chiot oiseau oiseaux cheval chevaux renard
-loup ours lion tigre dragon poisson poissons hibou chouette lapin cerf papillon abeille serpent tortue baleine
-dauphin requin éléphant singe aigle canard poule vache mouton cochon souris licorne fille filles garçon garçons
-femme femmes homme hommes enfant enfants personne gens vieil jeune dame monsieur couple famille bébé princesse
-reine roi chevalier guerrier sorcière magicien beau bel belle beaux belles joli jolie jolis jolies mignon
-mignonne heureux heureuse triste souriant souriante sourire ville villes rue rues maison maisons château tour
-église cathédrale village pont chemin route bâtiment marché place parc jardin forêt jungle arbre arbres feuille
-feuilles fleur fleurs rose roses champ prairie plage côte mer océan vague vagues lac rivière fleuve cascade
-montagne montagnes colline vallée désert île grotte rocher pierre ciel nuage nuages soleil lune étoile étoiles
-nuit jour matin soir après midi coucher lever aube crépuscule hiver été printemps automne neige pluie brouillard
-brume tempête vent lumière lumières ombre ombres feu eau glace fumée rouge rouges bleu bleue bleus bleues vert
-verte verts vertes jaune jaunes blanc blanche blancs blanches noir noire noirs noires doré dorée dorés argenté
-argentée gris grise violet violette orange marron brun brune sombre sombres clair claire brillant brillante
-coloré colorée couleurs couleur portrait paysage peinture tableau dessin illustration photo photographie style
-aquarelle huile toile art œuvre réaliste détaillé détaillée détails qualité éclairage cinématographique fond
-plan doux douce dramatique chaud chaude froid froide moderne futuriste magique fantastique médiéval médiévale
-traditionnel traditionnelle classique surréaliste abstrait impressionniste nourriture repas table chaise fenêtre
-porte chambre cuisine salon livre livres bougie bougies lampe tasse café thé assiette pain fruit fruits pomme
-gâteau vin fromage croissant voiture train bateau navire avion vélo vaisseau espace planète robot astronaute
-assis assise endormi endormie dormant marchant volant courant lisant jouant dansant regardant au-dessus dessus
-dessous côté robe chapeau cheveux yeux visage habillé habillée portant image scène vue paysages portraits
-peintures gravure chef-d'œuvre meilleure réalisme photoréaliste hyperréaliste numérique bande dessinée croquis
-encre crayon fusain sculpture statue mosaïque vitrail naturelle tamisée reflets minuit pleine étoilé nuageux
-ensoleillé pluvieux enneigé orageux hivernal estival automnal printanier tropical énorme minuscule bas calme
-tranquille silencieux silencieuse mystérieux mystérieuse magiques enchanté enchantée abandonné abandonnée vide
-plein colorés colorées lumineux lumineuse obscur loups renards lions tigres dragons hiboux lapins papillons
-rivières lacs plages châteaux tours ponts forêts champs jardins rochers pierres branches racines âgé vieillard
-sage guerrière fée pirate marin pêcheur paysan paysanne danseuse musicien peintre cape armure couronne épée
-bouclier lanterne bouquet vase lit escalier balcon toit mur pavés fontaine temple nocturne sable volcan falaise
-au-dessous dedans dehors a regarde marche vole dort joue danse chante mange boit sourit pleure attend chantant
-mangeant buvant pleurant attendant debout allongé allongée l d contre ou mais donc or ni car quoi dont où quand
-comme si ne pas jamais rien toujours souvent parfois déjà encore aussi trop peu beaucoup assez bien mal mieux
-tant autres mêmes plusieurs quelque quelques certain certains tes nos vos je tu nous vous se lui y être avoir
-faire dire pouvoir aller voir savoir vouloir venir devoir prendre trouver donner falloir parler mettre passer
-regarder aimer croire demander rester répondre entendre penser arriver connaître devenir sentir sembler tenir
-comprendre rendre attendre sortir vivre entrer porter chercher revenir appeler mourir partir jouer suivre écrire
-montrer étaient sera ont avait fait font va vont vient viennent portent tient tiennent regardent semble semblent
-temps vie monde année années jours fois pays forme partie lieu cas moment travail histoire main mains œil tête
-corps cœur nom mot terre air heure semaine mois guerre paix amour mort père mère fils frère sœur ami amie amis
-madame animal sol plafond argent musique bon bonne mauvais mauvaise meilleur pire large étroit fort faible
-rapide lent propre sale laid riche pauvre ouvert ouverte fermé fermée dernier seul ensemble""",
-    "de": """
-der die das und in im mit auf ein eine einer einem einen eines des dem den von vom zu zum zur für bei aus unter
-über vor hinter neben zwischen nach an am ans ist sind war waren hat haben wird nicht kein keine auch sehr mehr
-weniger alle alles jeder jede jedes andere anderen sein seine ihr ihre unser mein meine dieser diese dieses zwei
-drei vier fünf erste erster ersten neu neue neuer neuen neues alt alte alter alten altes groß große großer
-großen großes klein kleine kleiner kleinen kleines hoch hohe lang lange langen kurz kurze durch um gegen ohne
-bis seit während wie als oder aber katze katzen kätzchen hund hunde welpe vogel vögel pferd pferde fuchs wolf
-bär löwe tiger drache fisch fische eule hase kaninchen hirsch reh schmetterling biene schlange schildkröte wal
-delfin hai elefant affe adler ente huhn kuh schaf schwein maus einhorn mädchen junge jungen frau frauen mann
-männer kind kinder person menschen leute dame herr paar familie baby prinzessin königin könig ritter krieger
-hexe zauberer schön schöne schöner schönen hübsch hübsche süß süße niedlich niedliche glücklich traurig lächelnd
-lächelt stadt städte straße straßen haus häuser schloss burg turm kirche kathedrale dorf brücke weg gebäude
-markt platz park garten wald dschungel baum bäume blatt blätter blume blumen rose rosen feld wiese strand küste
-meer ozean welle wellen see fluss wasserfall berg berge hügel tal wüste insel höhle fels felsen stein himmel
-wolke wolken sonne mond stern sterne nacht tag morgen abend sonnenuntergang sonnenaufgang dämmerung winter
-sommer frühling herbst schnee regen nebel sturm wind licht lichter schatten feuer wasser eis rauch rot rote
-roter roten rotes blau blaue blauer blauen blaues grün grüne grüner grünen gelb gelbe gelben weiß weiße weißer
-weißen schwarz schwarze schwarzer schwarzen golden goldene goldenen silbern silberne grau graue lila violett
-rosa orange braun braune dunkel dunkle dunkler dunklen hell helle hellen bunt bunte bunten farben farbe porträt
-bild landschaft gemälde malerei zeichnung illustration foto fotografie stil aquarell öl ölgemälde leinwand kunst
-kunstwerk realistisch realistische detailliert detaillierte details qualität beleuchtung filmisch filmische
-hintergrund vordergrund weich weiches weiche dramatisch dramatische warm warme warmes kalt kalte modern moderne
-futuristisch futuristische magisch magische mittelalterlich mittelalterliche traditionell traditionelle
-klassisch klassische surreal abstrakt essen mahlzeit tisch stuhl fenster tür zimmer küche buch bücher kerze
-kerzen lampe tasse kaffee tee teller brot obst apfel äpfel kuchen wein bier käse auto zug schiff boot flugzeug
-fahrrad raumschiff weltraum planet roboter astronaut sitzend sitzt schlafend schläft laufend läuft fliegend
-fliegt lesend liest spielend spielt tanzend tanzt schaut blickt steht liegt trägt kleid hut haare haar augen
-gesicht bilder szene ansicht landschaften porträts zeichnungen meisterwerk beste realismus fotorealistisch
-hyperrealistisch digital comic skizze tinte bleistift kohle radierung holzschnitt skulptur statue mosaik
-natürliches goldenes gedämpftes spiegelung spiegelungen dunst morgengrauen mitternacht vollmond sternenhimmel
-bewölkt sonnig regnerisch verschneit stürmisch winterlich sommerlich herbstlich frühlingshaft tropisch riesig
-winzig hoher niedrig junger antik moderner schönes hübsches ruhig ruhige still stille leise geheimnisvoll
-geheimnisvolle verzaubert verzauberte verlassen verlassene leer leere voll volle bunter leuchtend leuchtende
-düster düstere wölfe füchse bären löwen drachen eulen hasen schmetterlinge flüsse seen strände schlösser burgen
-türme brücken wälder felder gärten steine zweige wurzeln junges greis weiser kriegerin fee pirat seemann fischer
-bauer bäuerin tänzerin musiker maler weißes umhang rüstung krone schwert schild laterne früchte blumenstrauß
-vase bett treppe balkon dach mauer kopfsteinpflaster marktplatz brunnen tempel nachts nächtliche sand vulkan
-klippe darüber darunter drinnen draußen nah fern herum geht singt isst trinkt weint wartet blickend gehend
-singend essend trinkend weinend wartend stehend liegend denn sondern doch dass ob wenn weil bevor nachdem damit
-obwohl nie immer oft manchmal schon noch viel viele wenig wenige etwas nichts jemand niemand manche mancher
-einige anderer anderes selbe selben jener jene jenes dein deine unsere euer eure ich du er sie es wir man sich
-mir mich dir dich ihm ihn uns euch ihnen werden können müssen sollen wollen dürfen mögen machen gehen kommen
-sehen geben nehmen finden stehen liegen sitzen halten bringen denken wissen sagen sprechen lassen bleiben tragen
-zeigen laufen fahren fliegen schwimmen schlafen trinken lesen schreiben spielen arbeiten leben lieben wohnen
-scheinen fallen wachsen blühen leuchten glänzen hatte hatten kann muss soll will gibt zeigt hält sieht scheint
-wirkt wirken zeit welt jahr jahre tage mal mensch land form teil ort fall moment arbeit geschichte hand hände
-auge kopf körper herz name wort erde luft stunde woche monat krieg frieden liebe tod vater mutter sohn tochter
-bruder schwester freund freundin freunde tier wand boden decke geld musik gut schlecht besser schlechter breit
-schmal stark schwach schnell langsam heiß sauber schmutzig hässlich reich arm offen geschlossen letzte allein
-zusammen weit oben unten innen außen vorne hinten""",
-})
 
-
-@functools.lru_cache(maxsize=1)
-def seed_words() -> tuple[str, ...]:
-    """:data:`SEED_WORDS` as the scorer reads them: NFC, lowercase, split into words as prompts are, each once."""
-    text = unicodedata.normalize("NFC", " ".join(SEED_WORDS.values()).lower())
+def scorer_words(texts: Iterable[str]) -> tuple[str, ...]:
+    """The words of ``texts`` as the scorer reads prompts (NFC, lowercase, letters only, at most MAX_WORD
+    characters), each once, in order: what a seed-word list holds (``scripts/build_seed_words.py`` writes
+    them so, and the router reads them so)."""
+    text = unicodedata.normalize("NFC", "\n".join(texts).lower())
     return tuple(dict.fromkeys(w[:MAX_WORD] for w in _WORD_RE.findall(text)))

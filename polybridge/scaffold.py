@@ -1,8 +1,8 @@
 """``polybridge registry add``: scaffold a new language from commented templates, all or nothing.
 
-The new folder is written beside ``languages/`` under a temporary name, validated (entry and
-grammar), and only then renamed into place and appended to ``registry.yaml``; if anything fails,
-nothing is left behind and ``registry.yaml`` is unchanged.
+The new folder (its entry, a starter grammar and the router's seed words made from it) is written beside
+``languages/`` under a temporary name, validated (entry and grammar), and only then renamed into place and
+appended to ``registry.yaml``; if anything fails, nothing is left behind and ``registry.yaml`` is unchanged.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def add_language(registry: Registry, code: str, *, name: str, native_name: str |
                  scripts: Sequence[str] = ("Latin",), branch_type: str = "bdm",
                  concepts: Sequence[str] = ()) -> Path:
     """Create ``languages/<code>/`` and register it. Returns the new folder."""
+    from polybridge.seed_words import SEED_WORDS_FILE, render_seed_words
     from polybridge.synthetic.grammar import load_grammar
     from polybridge.synthetic.world import CONCEPTS
 
@@ -112,8 +113,9 @@ def add_language(registry: Registry, code: str, *, name: str, native_name: str |
         (tmp / LANGUAGE_FILE).write_text(
             render_language_yaml(code, name, native_name, scripts, branch_type, concepts), encoding="utf-8")
         (tmp / "grammar.yaml").write_text(render_grammar_yaml(code, name, concepts), encoding="utf-8")
-        entry = load_language(tmp, code)
-        load_grammar(entry.grammar_path, code, entry.synthetic.concepts)
+        grammar = load_grammar(tmp / "grammar.yaml", code, concepts)
+        (tmp / SEED_WORDS_FILE).write_text(render_seed_words(code, name, tmp, grammar), encoding="utf-8")
+        load_language(tmp, code)
     try:
         atomic_write_text(registry.file, new_registry_text)
         load_registry(registry.file)

@@ -356,7 +356,7 @@ def test_too_few_templates(tmp_path):
 
 def test_malformed_yaml(tmp_path):
     path = _write(tmp_path, "words:\n  colour: [red\ntemplates: {}\n")
-    _fails(path, "(yaml)", "malformed YAML", "line")
+    _fails(path, "(yaml)", "not valid YAML", "line")
 
 
 def test_duplicate_key(tmp_path):

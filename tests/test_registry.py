@@ -246,3 +246,23 @@ def test_numbers_written_without_a_dot_parse_as_floats(tmp_path):
     text = (tmp_path / "languages/zh/language.yaml").read_text().replace("0.0001", "1e-4")
     (tmp_path / "languages/zh/language.yaml").write_text(text)
     assert load_registry(reg_file).language("zh").branch.training.learning_rate == pytest.approx(1e-4)
+
+
+def test_one_strict_yaml_loader_for_registry_and_grammars(tmp_path):
+    from polybridge.registry import read_yaml
+    from polybridge.synthetic import grammar
+    from polybridge.synthetic.grammar import GrammarError, load_grammar
+
+    assert grammar.read_yaml is read_yaml  # the grammar reads YAML through the registry's loader
+    path = tmp_path / "data.yaml"
+    path.write_text("base: &b {red: 1}\nmerged:\n  <<: *b\n  blue: 2\n", encoding="utf-8")
+    assert read_yaml(path)["merged"] == {"red": 1, "blue": 2}  # merge keys still work
+    path.write_text("a:\n  red: 1\n  <<: {red: 2, blue: 3}\n", encoding="utf-8")
+    assert read_yaml(path)["a"] == {"red": 1, "blue": 3}  # a key written here overrides a merged one
+    path.write_text("? [a, b]\n: 1\n", encoding="utf-8")
+    with pytest.raises(RegistryError, match="not valid YAML"):  # an unhashable key: an error, not a TypeError
+        read_yaml(path)
+    path.write_text("words: {}\nwords: {}\n", encoding="utf-8")
+    with pytest.raises(GrammarError, match="duplicate key 'words' \\(first at line 1\\)") as info:
+        load_grammar(path, "en", [])
+    assert info.value.key == "(yaml)"

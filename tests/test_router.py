@@ -11,7 +11,7 @@ import pytest
 
 from polybridge.registry import load_registry
 from polybridge.router import (HOW, PARALLEL_MIN, Router, WordScorer, expected_spans, format_scores,
-                               read_route_set, score_routes, seed_words)
+                               read_route_set, score_routes, scorer_words)
 from polybridge.unicode_scripts import SCRIPT_RANGES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -300,18 +300,21 @@ def test_plan_many_is_plan_with_the_new_words_in_one_lingua_call(registry):
 
 def test_seed_words_change_speed_not_plans(registry):
     seeded = Router.from_registry(registry)
-    assert seeded.scorer.known and set(seed_words()) <= set(seeded.scorer._cache)
-    assert all(w == w.lower() and w.isalpha() for w in seed_words())
+    seed_words = seeded.scorer.seed_words  # the registry's: each Latin-script entry's detection.seed_words
+    assert set(seed_words) == {w for code in LATIN for w in registry.language(code).seed_words}
+    assert seeded.scorer.known and set(seed_words) <= set(seeded.scorer._cache)
+    assert len(seed_words) > 4000 and all(w == w.lower() and w.isalpha() for w in seed_words)
+    assert scorer_words(seed_words) == seed_words  # a list holds words as the scorer reads them
     prompts = [p for _, p in read_route_set(PROMPTS)]
     plain = unseeded(registry)
     assert dicts(seeded.plan_many(prompts)) == dicts(plain.plan(p) for p in prompts)
     assert seeded.scorer.lingua_calls < plain.scorer.lingua_calls / 2
     # The seed stays when the cache is cleared (it is, when full).
-    small = WordScorer(LATIN, cache_size=2)
+    small = WordScorer(LATIN, cache_size=2, seed=seed_words)
     small.known  # noqa: B018
     for w in ("zorblat", "quixotrix", "flumbergast"):
         small.word(w)
-    assert set(seed_words()) <= set(small._cache) and len(small._cache) <= len(seed_words()) + 2
+    assert set(seed_words) <= set(small._cache) and len(small._cache) <= len(seed_words) + 2
     assert small.word("the") == seeded.scorer.word("the")
 
 

@@ -35,8 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from polybridge.registry import load_registry  # noqa: E402
-from polybridge.router import (Router, WordScorer, format_scores, read_route_set, score_routes,  # noqa: E402
-                               seed_words)
+from polybridge.router import Router, WordScorer, format_scores, read_route_set, score_routes  # noqa: E402
 
 PROMPTS = REPO / "tests" / "data" / "router_prompts.tsv"
 HELDOUT = REPO / "benchmarks" / "prompts"
@@ -128,9 +127,10 @@ def throughput(registry, prompts: list[str], repeat: int, cold: int, heldout: li
     router = fresh(registry)  # lingua's models and the seed words, timed apart
     load_s = time.perf_counter() - started
     seed_s = time.perf_counter()
-    WordScorer(LATIN, seed=()).score(seed_words())  # what scoring the seed words costs (once a process)
+    seed_words = router.scorer.seed_words  # the registry's (each entry's detection.seed_words)
+    WordScorer(LATIN, seed=()).score(seed_words)  # what scoring the seed words costs (once a process)
     seed_s = time.perf_counter() - seed_s
-    print(f"{len(prompts)} prompts; router + lingua models + {len(seed_words()):,} seed words loaded in {load_s:.2f} s "
+    print(f"{len(prompts)} prompts; router + lingua models + {len(seed_words):,} seed words loaded in {load_s:.2f} s "
           f"(the seed words alone: {seed_s:.2f} s), peak RSS {peak_mb():.0f} MB")
     cases = []
     for label, texts in (("", prompts), (f" (held-out, {len(heldout)})", heldout)):

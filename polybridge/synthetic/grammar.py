@@ -43,8 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from polybridge.registry import read_yaml
 from polybridge.synthetic.world import (
     BACKGROUNDS,
     COLOURS,
@@ -219,6 +218,24 @@ class Grammar:
             out.update(_all_texts(entries[key]))
         return frozenset(s for s in out if s.strip())
 
+    def texts(self) -> frozenset[str]:
+        """Every piece of text this grammar may write: each noun, attribute form and function word (every synonym,
+        agreement form and variant) and the words its templates write themselves (the router's seed words are
+        made from them, see ``scripts/build_seed_words.py``)."""
+        out = {t for nouns in self._nouns.values() for n in nouns for t in n.texts}
+        for categories in self._attributes.values():
+            for entries in categories.values():
+                for entry in entries.values():
+                    out |= _all_texts(entry)
+        for templates in self._templates.values():
+            for template in templates:
+                for part in template.parts:
+                    if part.__class__ is str:
+                        out.add(part)
+                    elif part.kind == "word":
+                        out |= _all_texts(part.entries)
+        return frozenset(t for t in out if t.strip())
+
     def noun_key(self, shape: str) -> str:
         """The ``words.shape`` key used for ``shape``: itself if named by this language, else ``object``."""
         return shape if shape in self._nouns else OBJECT
@@ -390,22 +407,6 @@ def _all_texts(entry: Any) -> set[str]:
 # --------------------------------------------------------------------------- loading
 
 
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses duplicate keys (a second ``red:`` would silently win otherwise)."""
-
-    def construct_mapping(self, node, deep=False):  # type: ignore[override]
-        self.flatten_mapping(node)
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            if isinstance(key, (str, int, float, bool)):
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def _looks_like_table(value: dict) -> bool:
     """A function-word category given as one agreement table ({agree: prev, ...}) rather than keyed entries."""
     return "agree" in value
@@ -417,27 +418,9 @@ def grammar_concepts(path: str | Path) -> tuple[str, ...]:
     For tools that have a grammar but no registry entry; the registry (``synthetic.concepts``) is the
     authority and :func:`load_grammar` checks that the two agree.
     """
-    data = _read_yaml(Path(path))
+    data = read_yaml(Path(path), GrammarError, "(yaml)")
     shapes = ((data.get("words") or {}).get("shape") or {}) if isinstance(data, dict) else {}
     return tuple(c for c in CONCEPTS if isinstance(shapes, dict) and c in shapes)
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GrammarError(path, "", "file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GrammarError(path, "", f"cannot read the file: {exc}") from None
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" (line {mark.line + 1}, column {mark.column + 1})"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise GrammarError(path, "(yaml)", f"malformed YAML{where}: {problem}") from None
 
 
 def load_grammar(path: str | Path, code: str, concepts: Sequence[str]) -> Grammar:
@@ -465,7 +448,7 @@ class _Builder:
     # ---- top level
 
     def build(self) -> Grammar:
-        data = _read_yaml(self.path)
+        data = read_yaml(self.path, GrammarError, "(yaml)")  # the registry's strict loader
         if not isinstance(data, dict):
             self.fail("", f"expected a mapping with keys words and templates, got {type(data).__name__}")
         self.check_keys(data, "", _TOP_KEYS, required=("words", "templates"))
