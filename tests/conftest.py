@@ -21,22 +21,21 @@ def copy_registry(dest: Path, with_artifacts: bool = False) -> Path:
     return copy(REPO, dest, artifacts=with_artifacts)
 
 
-def registry_with_tiny_backbone(dest: Path) -> Path:
+def registry_with_tiny_backbone(dest: Path, components: dict | None = None) -> Path:
     """A copy of the real registry (entries, grammars, tokenizers, native encoders) whose default backbone is
-    the tiny random one of ``tiny_components`` (16x16 images), saved in diffusers format at ``dest/model``."""
-    from diffusers import StableDiffusionPipeline
-
-    from tiny_components import get_dummy_components
+    the tiny random one of ``tiny_components`` (16x16 images; ``components``: another one, e.g. the tiny SDXL),
+    saved in diffusers format at ``dest/model``."""
+    from tiny_components import get_dummy_components, save_backbone
 
     registry = copy_registry(dest, with_artifacts=True)
     for folder in (dest / "languages").glob("*/*"):
         if folder.is_dir() and folder.name not in ("encoder", "tokenizer"):
             shutil.rmtree(folder)  # trained branches belong to the real backbone, not to this one
-    StableDiffusionPipeline(**get_dummy_components(), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(dest / "model")
+    architecture = save_backbone(components or get_dummy_components(), dest / "model")
     text = registry.read_text(encoding="utf-8")
-    assert "source: ./polybridge/assets/polybridge-tiny" in text
-    registry.write_text(text.replace("source: ./polybridge/assets/polybridge-tiny", "source: ./model"), encoding="utf-8")
+    old = "source: ./polybridge/assets/polybridge-tiny\n    architecture: sd1"
+    assert old in text
+    registry.write_text(text.replace(old, f"source: ./model\n    architecture: {architecture}"), encoding="utf-8")
     return registry
 
 

@@ -12,8 +12,15 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from polybridge.encoders import NativeEncoder
 
@@ -41,12 +48,16 @@ def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
-def clip_text_model(hidden_size: int, seed: int, max_positions: int = 77, layers: int = 2) -> CLIPTextModel:
+def clip_text_model(hidden_size: int, seed: int, max_positions: int = 77, layers: int = 2,
+                    projection_dim: int | None = None) -> CLIPTextModel:
+    """A CLIP text model; with ``projection_dim`` a ``CLIPTextModelWithProjection`` (SDXL's second encoder)."""
     torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=EOS + 1, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                             num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=max_positions,
-                            bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS, layer_norm_eps=1e-5)
-    return CLIPTextModel(config).eval()
+                            bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS, layer_norm_eps=1e-5,
+                            projection_dim=projection_dim or 512)
+    cls = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
+    return cls(config).eval()
 
 
 def tiny_unet(block_out_channels: tuple[int, ...] = (32, 64), seed: int = 0) -> UNet2DConditionModel:
@@ -70,6 +81,36 @@ def get_dummy_components(seed: int = 0) -> dict:
             "scheduler": scheduler}
 
 
+def get_dummy_sdxl_components(seed: int = 0) -> dict:
+    """A tiny SDXL backbone (as diffusers' SDXL fast tests build one): a ``text_time`` UNet reading two 32-wide text
+    encoders' states (64 wide) and the second one's 32-wide pooled projection plus 6 size ids x 8."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64, norm_num_groups=32,
+    ).eval()
+    vae = get_dummy_components(seed)["vae"]
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return {"unet": unet, "vae": vae, "scheduler": scheduler,
+            "text_encoder": clip_text_model(32, seed), "tokenizer": clip_tokenizer(77),
+            "text_encoder_2": clip_text_model(32, seed + 1, projection_dim=32), "tokenizer_2": clip_tokenizer(77)}
+
+
+def save_backbone(components: dict, folder: Path) -> str:
+    """Save backbone components in diffusers format (an SD or an SDXL folder, by their keys); the registry
+    ``architecture`` naming it."""
+    if "text_encoder_2" in components:
+        StableDiffusionXLPipeline(**components).save_pretrained(folder)
+        return "sdxl"
+    StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return "sd1"
+
+
 def native_encoder(hidden_size: int = 48, seed: int = 1, max_length: int = 16, code: str = "zh",
                    max_chunks: int = 5) -> NativeEncoder:
     model = clip_text_model(hidden_size, seed, max_positions=max_length)
@@ -90,9 +131,8 @@ def write_registry(root: Path, components: dict, languages: dict[str, dict]) -> 
     """A registry at ``root``: the backbone saved in diffusers format at ``root/model`` and one folder per
     language. ``languages`` maps a code to ``{"entry": <language.yaml overrides>, "encoder": NativeEncoder | None,
     "branch": Branch | None}``; encoders and branches given are saved where the entry points."""
-    StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(root / "model")
-    top = {"version": 1, "backbones": {"tiny": {"source": "./model", "architecture": "sd1", "language": "en"}},
+    architecture = save_backbone(components, root / "model")
+    top = {"version": 1, "backbones": {"tiny": {"source": "./model", "architecture": architecture, "language": "en"}},
            "default_backbone": "tiny", "fallback_language": "en", "languages": ["en", *languages]}
     (root / "registry.yaml").write_text(yaml.safe_dump(top, sort_keys=False), encoding="utf-8")
     _write_language(root, "en", {"code": "en", "name": "English", "scripts": ["Latin"],
