@@ -190,7 +190,8 @@ class ClipBundle:
 
 def load_world_clip(folder: str | Path | None = None) -> ClipBundle:
     """The synthetic world's CLIP (default: ``polybridge/assets/world-clip``) as a :class:`ClipBundle`."""
-    from polybridge.training.native_encoders import WORLD_CLIP_DIR, ContrastiveModel, load_language_tokenizer
+    from polybridge.embedded.native_encoders import ContrastiveModel, load_language_tokenizer
+    from polybridge.embedded.world_clip import WORLD_CLIP_DIR
 
     folder = Path(folder) if folder is not None else WORLD_CLIP_DIR
     if not is_world_clip(folder):

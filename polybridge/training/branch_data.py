@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from polybridge.registry import DATA_OBJECTS, LanguageEntry, Registry, RegistryError
+from polybridge.seeding import step_seed
 
 SYNTHETIC = "synthetic"
 #: Files that mark a folder written by ``datasets``' ``save_to_disk``.
@@ -89,8 +90,8 @@ def _synthetic(registry: Registry, entry: LanguageEntry, n: int, seed: int, size
                english_column: str | None, objects: str) -> Examples:
     from polybridge.synthetic.captions import Captioner
     from polybridge.synthetic.dataset import caption_rng
+    from polybridge.synthetic.batches import render_batch
     from polybridge.synthetic.scenes import sample_scenes
-    from polybridge.training.embedded import render_batch, step_seed
 
     data = entry.data
     assert data is not None and entry.synthetic is not None  # the registry refuses synthetic data without a grammar

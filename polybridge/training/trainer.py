@@ -48,6 +48,8 @@ import torch
 
 from polybridge.atomic import atomic_dir, atomic_write_bytes, atomic_write_text, check_writable_parent
 from polybridge.registry import LanguageEntry, Registry, RegistryError, TrainingSpec
+from polybridge.schedules import warmup_cosine
+from polybridge.seeding import step_seed
 from polybridge.training.branch_data import (
     EncodedExamples,
     Examples,
@@ -157,11 +159,8 @@ def lr_lambda(spec: TrainingSpec) -> Callable[[int], float]:
     """Linear warmup over ``warmup_steps``, then constant or a cosine to zero at ``max_steps``."""
 
     def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else 1.0
-        if spec.lr_schedule == "constant":
-            return warm
-        progress = min(step, spec.max_steps) / spec.max_steps
-        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warmup_cosine(step, spec.warmup_steps, spec.max_steps, cosine=spec.lr_schedule != "constant",
+                             angle_from_fraction=True)
 
     return factor
 
@@ -178,8 +177,6 @@ class DataOrder:
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            from polybridge.training.embedded import step_seed
-
             gen = torch.Generator().manual_seed(step_seed(self.seed, "branch-epoch", epoch))
             self._perms = {epoch: torch.randperm(self.n, generator=gen)}  # epochs are visited in order
         return self._perms[epoch]
