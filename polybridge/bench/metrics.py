@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from polybridge.errors import PolyBridgeError
+
 #: What each metric means, for reports (key: one line).
 METRIC_HELP: dict[str, str] = {
     "accuracy": "ground-truth attribute accuracy: mean of background, shape, colour, size, position (scorer)",
@@ -57,7 +59,7 @@ METRIC_HELP: dict[str, str] = {
 LOWER_IS_BETTER = frozenset({"fid"})
 
 
-class MetricError(RuntimeError):
+class MetricError(PolyBridgeError, RuntimeError):
     """A metric model cannot be loaded or used; the message names the source."""
 
 

@@ -1,9 +1,10 @@
 """The ``polybridge`` command line.
 
 Every command reads the registry (``--registry PATH``, ``$POLYBRIDGE_REGISTRY``, or the nearest
-``registry.yaml``). Errors print one line naming the file, key or argument and exit with code 2;
-heavy libraries are imported only by the commands that need them. Set ``POLYBRIDGE_DEBUG=1``
-to get the full traceback instead of the one-line message.
+``registry.yaml``). A user's mistake (a :class:`~polybridge.errors.PolyBridgeError`, or the operating system
+refusing a path the user named) prints one line naming the file, key or argument and exits with code 2; any
+other exception is a bug in polybridge and shows its traceback. Heavy libraries are imported only by the commands
+that need them. Set ``POLYBRIDGE_DEBUG=1`` to get the full traceback instead of the one-line message.
 
 A thin door: one module per command group (:mod:`~polybridge.cli.registry`, :mod:`~polybridge.cli.synth`,
 :mod:`~polybridge.cli.generate`, :mod:`~polybridge.cli.route`, :mod:`~polybridge.cli.tokenizer`,
@@ -20,8 +21,8 @@ from typing import Callable, Sequence
 
 from polybridge import __version__
 from polybridge.cli import bench, generate, registry, route, synth, tokenizer, train
-from polybridge.cli.common import EXIT_USAGE, CommandError
-from polybridge.registry import RegistryError
+from polybridge.cli.common import EXIT_USAGE, CommandError, run_command
+from polybridge.errors import PolyBridgeError
 
 __all__ = ["CommandError", "EXIT_USAGE", "build_parser", "main"]
 
@@ -49,8 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
-    except (RegistryError, CommandError, ValueError, OSError, RuntimeError) as exc:
+        return run_command(func, args)
+    except PolyBridgeError as exc:
         if os.environ.get("POLYBRIDGE_DEBUG"):
             raise
         print(f"polybridge: error: {exc}", file=sys.stderr)
@@ -58,4 +59,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("polybridge: interrupted", file=sys.stderr)
         return 130
-

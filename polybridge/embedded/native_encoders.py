@@ -65,6 +65,7 @@ from torch import nn
 
 from polybridge.atomic import atomic_dir
 from polybridge.embedded.tiny_backbone import keep_float32_by_default
+from polybridge.errors import PolyBridgeError, PolyBridgeValueError
 from polybridge.schedules import warmup_cosine
 from polybridge.seeding import step_seed
 from polybridge.synthetic.batches import render_batch
@@ -88,7 +89,7 @@ UNNAMED_CLASS = len(OBJECTS) + 1
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 
 
-class NativeEncoderError(RuntimeError):
+class NativeEncoderError(PolyBridgeError, RuntimeError):
     """A native encoder cannot be built or loaded; the message names the path and what to do."""
 
 
@@ -148,7 +149,7 @@ class NativeEncoderConfig:
         if not 0.0 <= self.own_fraction <= 1.0:
             problems.append(f"own_fraction={self.own_fraction} must be in [0, 1]")
         if problems:
-            raise ValueError("NativeEncoderConfig: " + "; ".join(problems))
+            raise PolyBridgeValueError("NativeEncoderConfig: " + "; ".join(problems))
 
 
 def config_dict(cfg: NativeEncoderConfig) -> dict:

@@ -36,6 +36,7 @@ from safetensors.torch import save as save_tensors
 from tqdm.auto import tqdm
 
 from polybridge.atomic import atomic_dir, atomic_write_bytes
+from polybridge.errors import PolyBridgeValueError
 from polybridge.schedules import warmup_cosine
 from polybridge.seeding import step_seed
 from polybridge.synthetic.batches import render_batch
@@ -247,9 +248,9 @@ def _schedule(cfg: EmbeddedConfig) -> dict:
     """Stable Diffusion 1.x's betas (so the backbone behaves like SD for every scheduler), rescaled to
     zero terminal SNR and with its prediction type when ``cfg`` asks (then sampled with trailing steps)."""
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type={cfg.prediction_type!r} is not valid; use 'epsilon' or 'v_prediction'")
+        raise PolyBridgeValueError(f"prediction_type={cfg.prediction_type!r} is not valid; use 'epsilon' or 'v_prediction'")
     if cfg.zero_terminal_snr and cfg.prediction_type == "epsilon":
-        raise ValueError("zero_terminal_snr=True needs prediction_type='v_prediction' (noise is all there is at the last step)")
+        raise PolyBridgeValueError("zero_terminal_snr=True needs prediction_type='v_prediction' (noise is all there is at the last step)")
     extra = {"rescale_betas_zero_snr": True} if cfg.zero_terminal_snr else {}
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type=cfg.prediction_type, **extra)

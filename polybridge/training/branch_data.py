@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from polybridge.errors import PolyBridgeError
 from polybridge.registry import DATA_OBJECTS, LanguageEntry, Registry, RegistryError
 from polybridge.seeding import step_seed
 
@@ -44,7 +45,7 @@ SYNTHETIC = "synthetic"
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
-class DataError(ValueError):
+class DataError(PolyBridgeError, ValueError):
     """Training data that cannot be used; the message names the dataset, the column or row, and what is valid."""
 
 

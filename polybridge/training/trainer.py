@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from polybridge.atomic import atomic_dir, atomic_write_bytes, atomic_write_text, check_writable_parent
+from polybridge.errors import PolyBridgeError
 from polybridge.registry import LanguageEntry, Registry, RegistryError, TrainingSpec
 from polybridge.schedules import warmup_cosine
 from polybridge.seeding import step_seed
@@ -80,7 +81,7 @@ SPEC_FLAGS: tuple[str, ...] = ("max_steps", "batch_size", "learning_rate", "warm
 _RESUMABLE_CHANGES = ("checkpoint_every", "mixed_precision", "gradient_checkpointing")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PolyBridgeError, RuntimeError):
     """Training cannot start or cannot go on; the message says why and what is kept."""
 
 
