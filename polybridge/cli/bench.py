@@ -110,7 +110,6 @@ def _fmt_cell(cell: Any, metric: str) -> str:
     return "n/a" if value is None or value != value else (f"{value:.1f}" if metric == "clip_t" else f"{value:.3f}")
 
 
-
 def add_commands(sub: Any) -> None:
     """``bench``."""
     p = sub.add_parser("bench", help="benchmark every language x method on the same prompts; writes report.md/.html",

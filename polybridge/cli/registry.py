@@ -80,7 +80,6 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_commands(sub: Any) -> None:
     """``registry list|show|validate|add``."""
     p_reg = sub.add_parser("registry", help="list, show, validate and add languages",

@@ -47,7 +47,6 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_commands(sub: Any) -> None:
     """``route``."""
     p = sub.add_parser("route", help="show how prompts are routed: language spans, confidence, which branch",

@@ -41,7 +41,6 @@ def cmd_synth_score(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_commands(sub: Any) -> None:
     """``synth render|score``."""
     p_syn = sub.add_parser("synth", help="render and score the synthetic world",

@@ -28,7 +28,6 @@ def cmd_tokenizer_build(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_commands(sub: Any) -> None:
     """``tokenizer build``."""
     p_tok = sub.add_parser("tokenizer", help="build per-language sentencepiece tokenizers")

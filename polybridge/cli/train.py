@@ -68,7 +68,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_commands(sub: Any) -> None:
     """``train``."""
     p = sub.add_parser("train", help="train a language's branch from its registry entry (bdm or pea)",
