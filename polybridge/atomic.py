@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from polybridge.errors import PolyBridgeFileExistsError, PolyBridgeNotADirectoryError, PolyBridgePermissionError
+
 
 def check_writable_parent(target: str | Path) -> Path:
     """``target`` as a Path, after checking that its parent can be created and written.
@@ -25,9 +27,9 @@ def check_writable_parent(target: str | Path) -> Path:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise NotADirectoryError(f"cannot write {target}: {existing} is a file, not a folder")
+        raise PolyBridgeNotADirectoryError(f"cannot write {target}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {target}: {existing} is not writable")
+        raise PolyBridgePermissionError(f"cannot write {target}: {existing} is not writable")
     return target
 
 
@@ -37,9 +39,9 @@ def check_dir_target(target: str | Path, overwrite: bool = False) -> Path:
     target = check_writable_parent(target)
     if target.exists():
         if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a folder")
+            raise PolyBridgeFileExistsError(f"{target} exists and is not a folder")
         if any(target.iterdir()) and not overwrite:
-            raise FileExistsError(f"{target} exists and is not empty (use overwrite / --overwrite to replace it)")
+            raise PolyBridgeFileExistsError(f"{target} exists and is not empty (use overwrite / --overwrite to replace it)")
     return target
 
 

@@ -23,3 +23,15 @@ class PolyBridgeValueError(PolyBridgeError, ValueError):
 
 class PolyBridgeFileNotFoundError(PolyBridgeError, FileNotFoundError):
     """A file or folder that a command needs and that is not there."""
+
+
+class PolyBridgeFileExistsError(PolyBridgeError, FileExistsError):
+    """An output that is already there and that polybridge will not replace without ``overwrite``."""
+
+
+class PolyBridgeNotADirectoryError(PolyBridgeError, NotADirectoryError):
+    """A path that must be (or lie under) a folder, and is a file."""
+
+
+class PolyBridgePermissionError(PolyBridgeError, PermissionError):
+    """A place the user asked polybridge to write that this process may not write."""

@@ -29,6 +29,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from polybridge import catalog
+from polybridge.errors import PolyBridgeError
 from polybridge.unicode_scripts import KNOWN_SCRIPTS
 
 REGISTRY_FILE = "registry.yaml"
@@ -59,7 +60,7 @@ CODE_PATTERN = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-class RegistryError(ValueError):
+class RegistryError(PolyBridgeError, ValueError):
     """A registry file is wrong. The message names the file, the key and what would be valid."""
 
     def __init__(self, file: str | Path, key: str | None, problem: str, valid: typing.Iterable[str] | None = None):

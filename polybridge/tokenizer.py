@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from polybridge.atomic import atomic_dir
+from polybridge.errors import PolyBridgeError, PolyBridgeValueError
 from polybridge.synthetic.grammar import WORD_BOUNDARY, load_grammar
 
 #: Special tokens and their fixed ids (sentencepiece reserves them first, in this order).
@@ -59,7 +60,7 @@ REQUIRED_FILES = ("tokenizer.json", "tokenizer_config.json")
 _METASPACE = "\u2581"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(PolyBridgeError, ValueError):
     """A tokenizer folder is missing, incomplete or unreadable; ``path`` names it."""
 
     def __init__(self, path: str | Path, message: str):
@@ -202,9 +203,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
     texts = list(texts)
     if not texts:
-        raise ValueError("train_tokenizer needs at least one text")
+        raise PolyBridgeValueError("train_tokenizer needs at least one text")
     if vocab_size < len(SPECIAL_IDS) + 256 + 1:
-        raise ValueError(f"vocab_size={vocab_size} leaves no room beyond the 4 special and 256 byte pieces")
+        raise PolyBridgeValueError(f"vocab_size={vocab_size} leaves no room beyond the 4 special and 256 byte pieces")
     has_boundaries = any(WORD_BOUNDARY in t for t in texts)
     model = _train_spm(texts, vocab_size, seed, WORD_BOUNDARY if has_boundaries else None)
     fast = _fast_tokenizer_from_spm(model)

@@ -4,7 +4,7 @@
     python scripts/build_default.py --smoke --out /tmp/tiny --work /tmp/tiny-work   # a few steps of every stage
 
 Every stage checkpoints into --work; run the same command again after a kill and it continues.
-See polybridge/training/embedded.py for what each stage does and why.
+See polybridge/embedded/tiny_backbone.py for what each stage does and why.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from polybridge.registry import load_registry
     from polybridge.synthetic.captions import Captioner
-    from polybridge.training import embedded as E
+    from polybridge.embedded import tiny_backbone as E
     from polybridge.training.checkpoint import checkpoint_step
 
     if args.threads:

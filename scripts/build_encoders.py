@@ -7,7 +7,7 @@
 
 Each language checkpoints into --work/<code>; run the same command again after a kill and it continues.
 Each encoder is written (atomically) into its registry entry's encoder folder (languages/<code>/encoder),
-or into --out-root/<code> when given. See polybridge/training/native_encoders.py for what is trained and why.
+or into --out-root/<code> when given. See polybridge/embedded/native_encoders.py for what is trained and why.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from polybridge.registry import load_registry
-    from polybridge.training import native_encoders as N
+    from polybridge.embedded import native_encoders as N
+    from polybridge.embedded.world_clip import WORLD_CLIP_DIR, build_world_clip
 
     torch.set_num_threads(max(1, args.threads))
     registry = load_registry(args.registry or REPO)
@@ -78,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.world_clip or args.world_clip_only:
         code = registry.backbone().language
         wcfg = replace(cfg, steps=args.world_clip_steps) if args.world_clip_steps else cfg
-        out = args.world_clip_out or (args.out_root / "world-clip" if args.out_root else N.WORLD_CLIP_DIR)
+        out = args.world_clip_out or (args.out_root / "world-clip" if args.out_root else WORLD_CLIP_DIR)
         t0, c0 = time.time(), time.process_time()
-        info = N.build_world_clip(registry, out, args.work / f"world-clip-{code}", wcfg, command=command,
+        info = build_world_clip(registry, out, args.work / f"world-clip-{code}", wcfg, command=command,
                                   progress=not args.no_progress)
         results[f"world-clip ({code})"] = _report(f"world-clip ({code})", out, info, time.time() - t0,
                                                   time.process_time() - c0)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(name: str, out: Path, info: dict, wall: float, cpu: float) -> dict:
-    from polybridge.training.native_encoders import encoder_size_bytes
+    from polybridge.embedded.native_encoders import encoder_size_bytes
 
     m = info["metrics"]
     row = {

@@ -221,3 +221,93 @@ def test_tokenizer_build_then_autotokenizer_loads(capsys, registry_copy):
     tok = AutoTokenizer.from_pretrained(registry_copy.parent / "languages/ru/tokenizer")
     text = "большой красный круг слева"
     assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+
+
+# --------------------------------------------------------------------------- errors: one line, or a traceback
+
+
+def _error_classes():
+    from polybridge.bench.metrics import MetricError
+    from polybridge.bench.runner import BenchError
+    from polybridge.bench.suites import SuiteError
+    from polybridge.cli import CommandError
+    from polybridge.embedded.native_encoders import NativeEncoderError
+    from polybridge.registry import RegistryError
+    from polybridge.synthetic.grammar import GrammarError
+    from polybridge.synthetic.scorer import ScorerError
+    from polybridge.tokenizer import TokenizerError
+    from polybridge.training.branch_data import DataError
+    from polybridge.training.trainer import TrainingError
+
+    return {RegistryError: ValueError, GrammarError: ValueError, TokenizerError: ValueError, DataError: ValueError,
+            TrainingError: RuntimeError, NativeEncoderError: RuntimeError, ScorerError: RuntimeError,
+            MetricError: RuntimeError, BenchError: ValueError, SuiteError: ValueError, CommandError: Exception}
+
+
+def test_every_error_class_is_a_polybridge_error_and_keeps_its_builtin_base():
+    from polybridge.errors import PolyBridgeError
+
+    for cls, builtin in _error_classes().items():
+        assert issubclass(cls, PolyBridgeError) and issubclass(cls, builtin), cls
+
+
+def test_a_bug_is_not_a_one_line_error_but_its_traceback(capsys, monkeypatch):
+    import polybridge.cli.registry as group
+
+    def broken(args):
+        return {}["missing"]  # a KeyError: polybridge's bug, not the user's
+
+    monkeypatch.setattr(group, "cmd_registry_list", broken)
+    with pytest.raises(KeyError):
+        main(["--registry", str(REPO), "registry", "list"])
+    assert "polybridge: error" not in capsys.readouterr().err
+
+    def value_bug(args):
+        raise ValueError("a ValueError from polybridge's own code is a bug too")
+
+    monkeypatch.setattr(group, "cmd_registry_list", value_bug)
+    with pytest.raises(ValueError, match="a bug too"):
+        main(["--registry", str(REPO), "registry", "list"])
+
+
+def test_a_bug_prints_its_traceback_from_the_console_script(tmp_path):
+    code = ("import sys, polybridge.cli.registry as g\n"
+            "def broken(args): raise RuntimeError('boom')\n"
+            "g.cmd_registry_list = broken\n"
+            "from polybridge.cli import main\n"
+            f"sys.exit(main(['--registry', {str(REPO)!r}, 'registry', 'list']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "RuntimeError: boom" in proc.stderr
+    assert "polybridge: error" not in proc.stderr
+
+
+def test_bad_values_in_library_calls_are_one_line_errors(capsys, tmp_path):
+    code, _, err = run(capsys, "--registry", str(REPO), "synth", "render", "--lang", "zh", "-n", "2", "--size", "4",
+                       "--out", str(tmp_path / "s"))
+    assert code == 2 and err.strip() == ("polybridge: error: size=4 is not valid; it must be an integer >= 8 "
+                                         "(the image side in pixels)")
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "--registry", str(REPO), "synth", "render", "--lang", "zh", "-n", "2",
+                       "--out", str(tmp_path / "file" / "s"))
+    assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_system_refusing_a_user_named_path_is_one_line_naming_it(capsys, tmp_path, monkeypatch):
+    import polybridge.synthetic.dataset as dataset
+
+    out = tmp_path / "s"
+
+    def refuse(target, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".s.tmp-abc"))
+
+    monkeypatch.setattr(dataset, "render_to_dir", refuse)
+    code, _, err = run(capsys, "--registry", str(REPO), "synth", "render", "--lang", "zh", "-n", "2", "--out", str(out))
+    assert code == 2
+    assert err.strip() == f"polybridge: error: --out {out}: Permission denied ({tmp_path / '.s.tmp-abc'})"
+
+    def elsewhere(target, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/somewhere/polybridge/did/not/expect")
+
+    monkeypatch.setattr(dataset, "render_to_dir", elsewhere)
+    with pytest.raises(PermissionError):  # not a path the user named: a bug, with its traceback
+        main(["--registry", str(REPO), "synth", "render", "--lang", "zh", "-n", "2", "--out", str(out)])

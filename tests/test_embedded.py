@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from polybridge.synthetic.batches import render_batch
 from polybridge.synthetic.scenes import sample_scenes
-from polybridge.training import embedded as E
+from polybridge.embedded import tiny_backbone as E
 from polybridge.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
 from polybridge.training.snr import min_snr_weights, timestep_snr
 
@@ -24,7 +25,7 @@ def test_standardising_the_latent_keeps_reconstructions_and_evens_channels():
     cfg = E.EmbeddedConfig.smoke()
     torch.manual_seed(0)
     vae = E.make_vae(cfg).eval()
-    x = E.render_batch(sample_scenes(8, 1, "test"), cfg.image_size)
+    x = render_batch(sample_scenes(8, 1, "test"), cfg.image_size)
     with torch.no_grad():
         before = vae.decode(vae.encode(x).latent_dist.mean).sample
         stats = E.standardise_latents(vae, cfg)

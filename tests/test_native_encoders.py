@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from polybridge.registry import load_registry
 from polybridge.synthetic.world import OBJECTS, Scene, SceneObject
-from polybridge.training import native_encoders as N
+from polybridge.embedded import native_encoders as N
 from polybridge.training.checkpoint import checkpoint_step
 
 from conftest import copy_registry

@@ -20,7 +20,7 @@ size, one after the other in this process; samples/s is measured over the steps 
   caption for the teacher), then the same branch forward, UNet forward, MSE and backward. Images are rendered into
   memory beforehand, as a dataset holds them decoded.
 
-Default backbone: the embedded default's architecture (``polybridge.training.embedded.EmbeddedConfig``: 32x32 images,
+Default backbone: the embedded default's architecture (``polybridge.embedded.tiny_backbone.EmbeddedConfig``: 32x32 images,
 UNet 64/128 channels, CLIP text encoder 64 wide) with random weights, and the committed native encoder of ``--lang``;
 timing does not depend on the weights. Wall-clock and this process's CPU time are both reported; on a loaded machine
 the CPU-time ratio is the fairer one.
@@ -86,7 +86,7 @@ def _random_backbone(out: Path, sd15: bool) -> None:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from polybridge.training import embedded as E
+    from polybridge.embedded import tiny_backbone as E
 
     torch.manual_seed(0)
     cfg = E.EmbeddedConfig()
@@ -160,7 +160,7 @@ def run_diffusers_style(registry, lang: str, args) -> dict:
     from polybridge.conditioning import Conditioning, compose
     from polybridge.encoders import load_encoder
     from polybridge.training.branch_data import load_examples
-    from polybridge.training.embedded import images_to_tensor
+    from polybridge.synthetic.batches import images_to_tensor
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)

@@ -9,6 +9,6 @@
 - :mod:`~polybridge.bench.report`: ``report.md``, ``report.html``, ``results.json``, grids and plots.
 
 It sits beside :mod:`polybridge.eval` (which it builds on): it reads the pipeline, branches, encoders and registry
-below it, and the world CLIP's model class from :mod:`polybridge.training.native_encoders` (where that model is
+below it, and the world CLIP's model class from :mod:`polybridge.embedded.native_encoders` (where that model is
 defined). ``polybridge bench`` is its command line.
 """

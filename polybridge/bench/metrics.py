@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from polybridge.errors import PolyBridgeError
+
 #: What each metric means, for reports (key: one line).
 METRIC_HELP: dict[str, str] = {
     "accuracy": "ground-truth attribute accuracy: mean of background, shape, colour, size, position (scorer)",
@@ -57,7 +59,7 @@ METRIC_HELP: dict[str, str] = {
 LOWER_IS_BETTER = frozenset({"fid"})
 
 
-class MetricError(RuntimeError):
+class MetricError(PolyBridgeError, RuntimeError):
     """A metric model cannot be loaded or used; the message names the source."""
 
 
@@ -190,7 +192,8 @@ class ClipBundle:
 
 def load_world_clip(folder: str | Path | None = None) -> ClipBundle:
     """The synthetic world's CLIP (default: ``polybridge/assets/world-clip``) as a :class:`ClipBundle`."""
-    from polybridge.training.native_encoders import WORLD_CLIP_DIR, ContrastiveModel, load_language_tokenizer
+    from polybridge.embedded.native_encoders import ContrastiveModel, load_language_tokenizer
+    from polybridge.embedded.world_clip import WORLD_CLIP_DIR
 
     folder = Path(folder) if folder is not None else WORLD_CLIP_DIR
     if not is_world_clip(folder):

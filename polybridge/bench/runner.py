@@ -39,6 +39,7 @@ import polybridge
 from polybridge.bench.suites import SUITES, SYNTHETIC_SUITES, Suite, SuiteError, curated_suite, synthetic_suite, \
     synthetic_unavailable
 from polybridge.branches import load_branch
+from polybridge.errors import PolyBridgeError
 from polybridge.registry import LanguageEntry, Registry
 
 #: Methods, in report order.
@@ -59,7 +60,7 @@ FULL = {"n": None, "curated_n": None, "steps": 25}
 QUICK = {"n": 8, "curated_n": 6, "steps": 10}
 
 
-class BenchError(ValueError):
+class BenchError(PolyBridgeError, ValueError):
     """A bad request: unknown language, method or suite, or a bad setting. The message lists what is valid."""
 
 

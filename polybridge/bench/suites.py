@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from polybridge.errors import PolyBridgeError
 from polybridge.registry import LanguageEntry, Registry, RegistryError, read_yaml
 from polybridge.synthetic.scenes import sample_scenes, scene_rng
 from polybridge.synthetic.world import SHAPES, Scene
@@ -44,7 +45,7 @@ _PROMPT_KEYS = ("id", "category", "text", "en")
 _FILE_KEYS = ("language", "description", "prompts")
 
 
-class SuiteError(ValueError):
+class SuiteError(PolyBridgeError, ValueError):
     """A suite cannot be built: a bad prompt file or a language that lacks what the suite needs."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from polybridge.atomic import atomic_dir
+from polybridge.errors import PolyBridgeValueError
 from polybridge.synthetic.render import render_scene
 from polybridge.synthetic.scenes import is_heldout, sample_scenes, scene_rng
 from polybridge.synthetic.world import Scene
@@ -54,13 +55,13 @@ def caption_rng(seed: int, split: str, index: int, lang: str) -> random.Random:
 
 def _check_n(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n={n!r} is not valid; it must be a positive integer (the number of scenes)")
+        raise PolyBridgeValueError(f"n={n!r} is not valid; it must be a positive integer (the number of scenes)")
     return n
 
 
 def _check_size(size: Any) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ValueError(f"size={size!r} is not valid; it must be an integer >= 8 (the image side in pixels)")
+        raise PolyBridgeValueError(f"size={size!r} is not valid; it must be an integer >= 8 (the image side in pixels)")
     return size
 
 
@@ -86,9 +87,9 @@ def build_dataset(
     _check_size(size)
     languages = list(languages or [])
     if languages and captioner is None:
-        raise ValueError(f"languages={languages} need a captioner(scene, lang, rng); pass captioner=")
+        raise PolyBridgeValueError(f"languages={languages} need a captioner(scene, lang, rng); pass captioner=")
     if len(set(languages)) != len(languages):
-        raise ValueError(f"languages={languages} lists a language twice")
+        raise PolyBridgeValueError(f"languages={languages} lists a language twice")
     scenes = sample_scenes(n, seed, split, concepts=concepts)
     columns: dict[str, list] = {"index": list(range(n)), "image": [render_scene(s, size) for s in scenes]}
     for lang in languages:
@@ -137,9 +138,9 @@ def render_to_dir(
     _check_n(n)
     _check_size(size)
     if lang is not None and captioner is None:
-        raise ValueError(f"lang={lang!r} needs a captioner(scene, lang, rng); pass captioner=")
+        raise PolyBridgeValueError(f"lang={lang!r} needs a captioner(scene, lang, rng); pass captioner=")
     if captioner is not None and lang is None:
-        raise ValueError("captioner= was given without lang=; say which language the captions are in")
+        raise PolyBridgeValueError("captioner= was given without lang=; say which language the captions are in")
     out = Path(out_dir).expanduser().absolute()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         scenes = sample_scenes(n, seed, split, concepts=concepts)

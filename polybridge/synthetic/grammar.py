@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from polybridge.errors import PolyBridgeError, PolyBridgeValueError
 from polybridge.registry import read_yaml
 from polybridge.synthetic.world import (
     BACKGROUNDS,
@@ -96,7 +97,7 @@ _BOUNDARIES = re.compile(f"{_B}+")
 _BIDI_CONTROLS = frozenset("\u200e\u200f\u061c\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
-class GrammarError(ValueError):
+class GrammarError(PolyBridgeError, ValueError):
     """A grammar file is unusable. ``path`` and ``key`` (a dotted key path) say where."""
 
     def __init__(self, path: str | Path, key: str, message: str):
@@ -278,11 +279,11 @@ class Grammar:
 def _render_scene(scene: Scene, grammars: Sequence[Grammar], rng: random.Random, path: Path) -> CaptionInfo:
     n = len(scene.objects)
     if n not in (1, 2):
-        raise ValueError(f"a scene to caption has 1 or 2 objects, this one has {n}")
+        raise PolyBridgeValueError(f"a scene to caption has 1 or 2 objects, this one has {n}")
     if len(grammars) != n:
-        raise ValueError(f"need one grammar per object ({n}), got {len(grammars)}")
+        raise PolyBridgeValueError(f"need one grammar per object ({n}), got {len(grammars)}")
     if scene.background not in BACKGROUNDS:
-        raise ValueError(f"background {scene.background!r} is not in the world{_did_you_mean(scene.background, BACKGROUNDS)}")
+        raise PolyBridgeValueError(f"background {scene.background!r} is not in the world{_did_you_mean(scene.background, BACKGROUNDS)}")
     for obj in scene.objects:
         _check_object(obj)
     frame = grammars[0]
@@ -329,7 +330,7 @@ def _check_object(obj: SceneObject) -> None:
     for attribute, valid in _VALID.items():
         value = getattr(obj, attribute)
         if value not in valid:
-            raise ValueError(f"{attribute} {value!r} is not in the world{_did_you_mean(value, valid)}")
+            raise PolyBridgeValueError(f"{attribute} {value!r} is not in the world{_did_you_mean(value, valid)}")
 
 
 def caption_mixed(scene: Scene, grammars: Sequence[Grammar], rng: random.Random) -> str:
@@ -345,7 +346,7 @@ def caption_mixed(scene: Scene, grammars: Sequence[Grammar], rng: random.Random)
 def caption_mixed_info(scene: Scene, grammars: Sequence[Grammar], rng: random.Random) -> CaptionInfo:
     """:func:`caption_mixed`, also naming the templates used (another language's as ``code:object[i]``)."""
     if not grammars:
-        raise ValueError("caption_mixed needs at least one grammar")
+        raise PolyBridgeValueError("caption_mixed needs at least one grammar")
     return _render_scene(scene, list(grammars), rng, grammars[0].path)
 
 

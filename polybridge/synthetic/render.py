@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image, ImageDraw
 
+from polybridge.errors import PolyBridgeValueError
 from polybridge.synthetic.world import (
     BACKGROUNDS,
     COLOURS,
@@ -355,18 +356,18 @@ def object_geometry(obj: SceneObject, size: int) -> tuple[float, float, float]:
 def render_scene(scene: Scene, size: int = 32) -> Image.Image:
     """An RGB ``size`` x ``size`` image of ``scene``."""
     if size < 8:
-        raise ValueError(f"size={size} is too small to draw objects; use 8 or more")
+        raise PolyBridgeValueError(f"size={size} is too small to draw objects; use 8 or more")
     if scene.background not in BACKGROUNDS:
-        raise ValueError(f"background={scene.background!r} is not valid; use one of {list(BACKGROUNDS)}")
+        raise PolyBridgeValueError(f"background={scene.background!r} is not valid; use one of {list(BACKGROUNDS)}")
     big = size * SUPERSAMPLE
     canvas = Image.new("P", (big, big), 0)
     palette = list(BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(canvas)
     for k, obj in enumerate(scene.objects):
         if obj.shape not in _DRAW:
-            raise ValueError(f"shape={obj.shape!r} is not drawable; use one of {list(OBJECTS)}")
+            raise PolyBridgeValueError(f"shape={obj.shape!r} is not drawable; use one of {list(OBJECTS)}")
         if obj.colour not in COLOURS:
-            raise ValueError(f"colour={obj.colour!r} is not valid; use one of {list(COLOURS)}")
+            raise PolyBridgeValueError(f"colour={obj.colour!r} is not valid; use one of {list(COLOURS)}")
         rgb = COLOURS[obj.colour]
         palette += [*rgb, *dark_shade(rgb), *light_tint(rgb)]
         cx, cy, r = object_geometry(obj, size)

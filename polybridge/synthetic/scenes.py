@@ -16,6 +16,7 @@ import math
 import random
 from collections.abc import Sequence
 
+from polybridge.errors import PolyBridgeValueError
 from polybridge.synthetic.world import (
     BACKGROUNDS,
     COLOURS,
@@ -56,26 +57,26 @@ def is_heldout(scene: Scene) -> bool:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not valid; use one of {list(SPLITS)}")
+        raise PolyBridgeValueError(f"split={split!r} is not valid; use one of {list(SPLITS)}")
 
 
 def _resolve_pool(concepts: Sequence[str] | None, objects: Sequence[str] | None) -> tuple[str, ...]:
     """The object ids a sample may draw from, in world order (so the pool is independent of argument order)."""
     if concepts is not None and objects is not None:
-        raise ValueError("give either concepts= (generic shapes plus these concepts) or objects= (exactly these), not both")
+        raise PolyBridgeValueError("give either concepts= (generic shapes plus these concepts) or objects= (exactly these), not both")
     if objects is not None:
         wanted = set(objects)
         unknown = sorted(wanted - set(OBJECTS))
         if unknown:
-            raise ValueError(f"objects={unknown} are not drawable; valid ids: {list(OBJECTS)}")
+            raise PolyBridgeValueError(f"objects={unknown} are not drawable; valid ids: {list(OBJECTS)}")
         if not wanted:
-            raise ValueError("objects= is empty; give at least one id of OBJECTS")
+            raise PolyBridgeValueError("objects= is empty; give at least one id of OBJECTS")
         return tuple(o for o in OBJECTS if o in wanted)
     if concepts is not None:
         wanted = set(concepts)
         unknown = sorted(wanted - set(CONCEPTS))
         if unknown:
-            raise ValueError(f"concepts={unknown} are not concepts; valid ids: {list(CONCEPTS)}")
+            raise PolyBridgeValueError(f"concepts={unknown} are not concepts; valid ids: {list(CONCEPTS)}")
         return SHAPES + tuple(c for c in CONCEPTS if c in wanted)
     return OBJECTS
 
@@ -112,7 +113,7 @@ def sample_scene(
     if n_objects is None:
         n_objects = rng.choice((1, 2))
     if n_objects not in (1, 2):
-        raise ValueError(f"n_objects={n_objects!r} is not valid; use 1, 2 or None (random)")
+        raise PolyBridgeValueError(f"n_objects={n_objects!r} is not valid; use 1, 2 or None (random)")
     background = rng.choice(BACKGROUND_NAMES)
     if n_objects == 1:
         positions: tuple[str, ...] = (rng.choice(tuple(POSITIONS)),)
@@ -154,7 +155,7 @@ def sample_scenes(
     """
     _check_split(split)
     if n < 0:
-        raise ValueError(f"n={n} must be >= 0")
+        raise PolyBridgeValueError(f"n={n} must be >= 0")
     pool = _resolve_pool(concepts, objects)
     return [
         sample_scene(random.Random(f"polybridge-scene:{seed}:{split}:{i}"), split, n_objects, pool)

@@ -32,6 +32,7 @@ from PIL import Image
 from torch import nn
 
 from polybridge.atomic import atomic_dir
+from polybridge.errors import PolyBridgeError, PolyBridgeValueError
 from polybridge.synthetic.world import BACKGROUNDS, COLOURS, CONCEPTS, OBJECTS, POSITIONS, SHAPES, SIZES, Scene
 
 CONFIG_NAME = "config.json"
@@ -73,7 +74,7 @@ def colour_blind(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.amax(1, keepdim=True), (dist / local).clamp(max=1.0)], dim=1)
 
 
-class ScorerError(RuntimeError):
+class ScorerError(PolyBridgeError, RuntimeError):
     """Scorer weights or inputs are missing or do not match the world."""
 
 
@@ -94,7 +95,7 @@ class SceneScorer(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % 4:
-            raise ValueError(f"image_size={image_size} must be a multiple of 4 (the trunks halve it twice)")
+            raise PolyBridgeValueError(f"image_size={image_size} must be a multiple of 4 (the trunks halve it twice)")
         self.config: dict[str, Any] = {
             "format": FORMAT,
             "version": 3,

@@ -1,1 +1,3 @@
-"""Training: the embedded default (backbone and native encoders) and, later, the common branch trainer."""
+"""Training: the branch trainer (:mod:`~polybridge.training.trainer`), its data
+(:mod:`~polybridge.training.branch_data`), checkpoints and SNR weighting. The embedded default's builders live in
+:mod:`polybridge.embedded`."""

@@ -37,14 +37,16 @@ import numpy as np
 import torch
 
 from polybridge.conditioning import Conditioning
+from polybridge.errors import PolyBridgeError
 from polybridge.registry import DATA_OBJECTS, LanguageEntry, Registry, RegistryError
+from polybridge.seeding import step_seed
 
 SYNTHETIC = "synthetic"
 #: Files that mark a folder written by ``datasets``' ``save_to_disk``.
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
-class DataError(ValueError):
+class DataError(PolyBridgeError, ValueError):
     """Training data that cannot be used; the message names the dataset, the column or row, and what is valid."""
 
 
@@ -90,8 +92,8 @@ def _synthetic(registry: Registry, entry: LanguageEntry, n: int, seed: int, size
                english_column: str | None, objects: str) -> Examples:
     from polybridge.synthetic.captions import Captioner
     from polybridge.synthetic.dataset import caption_rng
+    from polybridge.synthetic.batches import render_batch
     from polybridge.synthetic.scenes import sample_scenes
-    from polybridge.training.embedded import render_batch, step_seed
 
     data = entry.data
     assert data is not None and entry.synthetic is not None  # the registry refuses synthetic data without a grammar

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from polybridge.atomic import atomic_dir
+from polybridge.errors import PolyBridgeFileNotFoundError, PolyBridgeValueError
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -46,13 +47,13 @@ def load_checkpoint(folder: str | Path, modules: Mapping[str, torch.nn.Module],
     folder = Path(folder)
     state_file = folder / STATE_FILE
     if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file}: no checkpoint state here")
+        raise PolyBridgeFileNotFoundError(f"{state_file}: no checkpoint state here")
     for name, module in modules.items():
         path = folder / f"{name}.safetensors"
         try:
             tensors = load_file(str(path))
         except Exception as exc:  # safetensors raises several types for missing or corrupt files
-            raise ValueError(f"{path}: cannot read checkpoint weights ({exc})") from None
+            raise PolyBridgeValueError(f"{path}: cannot read checkpoint weights ({exc})") from None
         module.load_state_dict(tensors)
     if optimizer is not None and (folder / OPTIMIZER_FILE).is_file():
         payload = torch.load(folder / OPTIMIZER_FILE, weights_only=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from polybridge.errors import PolyBridgeValueError
+
 
 def timestep_snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ``alpha_bar / (1 - alpha_bar)`` of each timestep (0 at a zero-terminal-SNR end)."""
@@ -24,9 +26,9 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     an x0 weight of ``min(snr + 1, gamma)``: 1 at pure noise (where the layout is decided), capped near the data.
     """
     if gamma <= 0:
-        raise ValueError(f"min-SNR gamma must be positive, got {gamma}")
+        raise PolyBridgeValueError(f"min-SNR gamma must be positive, got {gamma}")
     if prediction_type == "epsilon":
         return torch.clamp(snr, max=gamma) / snr
     if prediction_type == "v_prediction":
         return torch.clamp(snr + 1, max=gamma) / (snr + 1)
-    raise ValueError(f"prediction_type {prediction_type!r} has no min-SNR weighting; valid: epsilon, v_prediction")
+    raise PolyBridgeValueError(f"prediction_type {prediction_type!r} has no min-SNR weighting; valid: epsilon, v_prediction")

@@ -49,7 +49,10 @@ import torch
 from polybridge.atomic import atomic_dir, atomic_write_bytes, atomic_write_text, check_writable_parent
 from polybridge.backbones import get_family
 from polybridge.conditioning import Conditioning, compose
+from polybridge.errors import PolyBridgeError
 from polybridge.registry import LanguageEntry, Registry, RegistryError, TrainingSpec
+from polybridge.schedules import warmup_cosine
+from polybridge.seeding import step_seed
 from polybridge.training.branch_data import (
     EncodedExamples,
     Examples,
@@ -80,7 +83,7 @@ SPEC_FLAGS: tuple[str, ...] = ("max_steps", "batch_size", "learning_rate", "warm
 _RESUMABLE_CHANGES = ("checkpoint_every", "mixed_precision", "gradient_checkpointing")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PolyBridgeError, RuntimeError):
     """Training cannot start or cannot go on; the message says why and what is kept."""
 
 
@@ -159,11 +162,8 @@ def lr_lambda(spec: TrainingSpec) -> Callable[[int], float]:
     """Linear warmup over ``warmup_steps``, then constant or a cosine to zero at ``max_steps``."""
 
     def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else 1.0
-        if spec.lr_schedule == "constant":
-            return warm
-        progress = min(step, spec.max_steps) / spec.max_steps
-        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warmup_cosine(step, spec.warmup_steps, spec.max_steps, cosine=spec.lr_schedule != "constant",
+                             angle_from_fraction=True)
 
     return factor
 
@@ -180,8 +180,6 @@ class DataOrder:
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            from polybridge.training.embedded import step_seed
-
             gen = torch.Generator().manual_seed(step_seed(self.seed, "branch-epoch", epoch))
             self._perms = {epoch: torch.randperm(self.n, generator=gen)}  # epochs are visited in order
         return self._perms[epoch]
@@ -305,12 +303,65 @@ def _settings_diff(old: dict, new: dict) -> list[str]:
     return diff
 
 
+@dataclass
+class _Plan:
+    """What a run trains and where it writes, checked before anything heavy is loaded."""
+
+    code: str
+    entry: LanguageEntry
+    spec: TrainingSpec
+    branch_type: str
+    branch_cls: Any
+    branch_options: dict
+    out: Path
+    work: Path
+    ckpt: Path
+
+
+@dataclass
+class _Run:
+    """A run once set up: its processes, the frozen models, the branch under training and its optimizer."""
+
+    accelerator: Any
+    say: Callable[[str], None]
+    per_micro: int  # examples of one accumulation step, all processes
+    micro: int  # examples of one accumulation step, this process
+    frozen: _Frozen
+    weight_dtype: torch.dtype
+    examples: Examples
+    encoded: EncodedExamples
+    settings: dict
+    weights: dict[str, float]
+    distil: bool
+    model: Any
+    unwrapped: Any
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    start: int
+    end: int
+    losses: list[list[float]]
+
+
 def train_language(registry: Registry, code: str, options: TrainOptions = TrainOptions(), *,
                    log: Callable[[str], None] = print,
                    callback: Callable[[int, float, Any], None] | None = None) -> dict:
     """Train language ``code``'s branch as its registry entry says (``options`` override); returns what
     ``<work>/train_info.json`` records. ``callback(step, loss, run)`` runs after every step; ``run`` has
     ``branch`` (unwrapped), ``ema`` and ``frozen`` (unet, vae, text_encoder, tokenizer, encoder)."""
+    plan = _plan_run(registry, code, options)
+    run = _set_up(registry, plan, options, log)
+    if options.report_to != "none":
+        run.accelerator.init_trackers(f"polybridge-{code}-{plan.branch_type}",
+                                      config={k: v for k, v in dataclasses.asdict(plan.spec).items()})
+    started = time.time()
+    seen = _train_steps(run, plan, options, callback)
+    return _finish(run, plan, options, seen, time.time() - started)
+
+
+def _plan_run(registry: Registry, code: str, options: TrainOptions) -> _Plan:
+    """The entry, the spec with the flags applied, the branch class and options, and the output and work folders;
+    every refusal that needs no model happens here, so a bad flag costs nothing and writes nothing."""
     from polybridge.branches import get_branch_class
 
     entry = registry.language(code)
@@ -324,18 +375,7 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
         branch_cls = get_branch_class(branch_type)
     except ValueError as exc:
         raise TrainingError(f"--branch-type: {exc}") from None
-    branch_options = dict(entry.branch.options) if branch_type == entry.branch.type else {}
-    unknown = sorted(set(branch_options) - set(branch_cls.option_keys))
-    if unknown:
-        raise RegistryError(entry.file, f"branch.options.{unknown[0]}", f"unknown option for a {branch_type} branch",
-                            valid=branch_cls.option_keys)
-    unknown = sorted(set(options.branch_options or {}) - set(branch_cls.option_keys))
-    if unknown:
-        raise TrainingError(f"--branch-option {unknown[0]}: unknown option for a {branch_type} branch; valid: "
-                            f"{', '.join(branch_cls.option_keys) or '(none)'}")
-    if options.branch_options and options.init_from is not None:
-        raise TrainingError("--branch-option with --init-from: the saved branch's config.json fixes its options")
-    branch_options.update(options.branch_options or {})
+    branch_options = _resolve_branch_options(entry, branch_type, branch_cls, options)
     out = options.out_dir if options.out_dir is not None else entry.branch_source
     if out is None:
         raise RegistryError(entry.file, "branch.weights", "is null, so there is nowhere to write the branch; "
@@ -356,8 +396,32 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
                                 "continue it, or --overwrite to start over")
     if options.stop_at is not None and options.stop_at < 1:
         raise TrainingError(f"--stop-at must be at least 1, got {options.stop_at}")
+    return _Plan(code, entry, spec, branch_type, branch_cls, branch_options, out, work, ckpt)
 
-    accelerator = _make_accelerator(spec, options, work, log)
+
+def _resolve_branch_options(entry: LanguageEntry, branch_type: str, branch_cls: Any, options: TrainOptions) -> dict:
+    """The entry's ``branch.options`` (for its own branch type only) with ``--branch-option`` over them."""
+    assert entry.branch is not None
+    branch_options = dict(entry.branch.options) if branch_type == entry.branch.type else {}
+    unknown = sorted(set(branch_options) - set(branch_cls.option_keys))
+    if unknown:
+        raise RegistryError(entry.file, f"branch.options.{unknown[0]}", f"unknown option for a {branch_type} branch",
+                            valid=branch_cls.option_keys)
+    unknown = sorted(set(options.branch_options or {}) - set(branch_cls.option_keys))
+    if unknown:
+        raise TrainingError(f"--branch-option {unknown[0]}: unknown option for a {branch_type} branch; valid: "
+                            f"{', '.join(branch_cls.option_keys) or '(none)'}")
+    if options.branch_options and options.init_from is not None:
+        raise TrainingError("--branch-option with --init-from: the saved branch's config.json fixes its options")
+    branch_options.update(options.branch_options or {})
+    return branch_options
+
+
+def _set_up(registry: Registry, plan: _Plan, options: TrainOptions, log: Callable[[str], None]) -> _Run:
+    """Processes, the frozen models and the fresh (or ``--init-from``) branch on the device, the data encoded once,
+    the optimizer and schedule, and the state of ``--resume``'s checkpoint."""
+    spec, ckpt = plan.spec, plan.ckpt
+    accelerator = _make_accelerator(spec, options, plan.work, log)
     processes = accelerator.num_processes
     if spec.batch_size % (spec.gradient_accumulation_steps * processes):
         raise TrainingError(f"batch_size {spec.batch_size} must be a multiple of gradient_accumulation_steps "
@@ -370,57 +434,14 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
         shutil.rmtree(ckpt)
     accelerator.wait_for_everyone()
 
-    bb, encoder = _load_frozen(registry, entry, options.backbone)
-    unet = bb.unet
-    backbone_digest = weights_digest(unet)  # before any cast: the same weights give the same digest at any precision
-    branch = _build_branch(branch_cls, entry, unet, encoder, branch_options, options.init_from, spec.seed)
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (*bb.frozen_modules(), encoder.model):
-        torch.nn.Module.to(module, device=device, dtype=weight_dtype)  # ModelMixin.to warns on every cast
-    torch.nn.Module.to(branch, device=device)
-    from diffusers import DDPMScheduler
-
-    frozen = _Frozen(unet=unet, vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, encoder=encoder,
-                     noise_scheduler=DDPMScheduler.from_config(bb.scheduler.config), backbone=bb)
-    if spec.gradient_checkpointing:
-        if getattr(branch, "_supports_gradient_checkpointing", False):
-            branch.enable_gradient_checkpointing()
-        unet.enable_gradient_checkpointing()
-
-    vae_scale = 2 ** (len(bb.vae.config.block_out_channels) - 1)
-    sample_size = unet.config.sample_size
-    latent_side = sample_size if isinstance(sample_size, int) else sample_size[0]
-    image_size = latent_side * vae_scale
-    weights = {"denoise": spec.denoise_weight, "distill_output": spec.distill_output_weight,
-               "distill_features": spec.distill_weight}
-    distil = branch_cls.distills and (spec.distill_output_weight > 0 or spec.distill_weight > 0)
-    if distil and (entry.data is None or entry.data.english_column is None):
-        say(f"{code}: data.english_column is not set, so the {branch_type} branch trains with the denoising loss only")
-        distil = False
-    examples = load_examples(registry, entry, image_size=image_size, seed=spec.seed, num_samples=options.num_samples,
-                             need_english=distil, objects=options.objects)
-    settings = {
-        "language": code, "branch_type": branch_type, "branch_options": branch_options,
-        "backbone": bb.name, "backbone_fingerprint": bb.fingerprint, "backbone_weights": backbone_digest,
-        "encoder": entry.encoder.source, "data": examples.description, "init_from": str(options.init_from or ""),
-        "training": dataclasses.asdict(spec),
-    }
-    start = 0
-    if options.resume and checkpoint_step(ckpt) is not None:
-        changed = _settings_diff(_read_settings(ckpt), settings)
-        if changed:
-            raise TrainingError(f"{ckpt}: the checkpoint was made with other settings ({', '.join(changed)} differ); "
-                                "resume with the same ones, or pass --overwrite (without --resume) to start over")
-    elif options.resume:
-        say(f"{code}: no checkpoint in {ckpt}; starting from step 0")
-
-    encoded = _encodings(examples, frozen, accelerator, work, settings, spec, options, weight_dtype, say)
+    frozen, branch, weight_dtype, backbone = _models(registry, plan, options, accelerator)
+    examples, settings, weights, distil = _data(registry, plan, options, frozen, backbone, say)
+    encoded = _encodings(examples, frozen, accelerator, plan.work, settings, spec, options, weight_dtype, say)
 
     params = [p for p in branch.parameters() if p.requires_grad]
     # One fused kernel for all the branch's parameters instead of a Python loop over them (torch's default on a
     # CPU); the same update up to float rounding. DeepSpeed keeps the plain optimizer it partitions.
-    fused = device.type in ("cpu", "cuda") and not _is_deepspeed(accelerator)
+    fused = accelerator.device.type in ("cpu", "cuda") and not _is_deepspeed(accelerator)
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
                                   **({"fused": True} if fused else {}))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
@@ -428,108 +449,188 @@ def train_language(registry: Registry, code: str, options: TrainOptions = TrainO
 
     _configure_deepspeed(accelerator, micro, spec)
     model, optimizer = accelerator.prepare(branch, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-
-    modules = {"branch": unwrapped, **({"ema": ema} if ema is not None else {})}
-    losses: list[list[float]] = []
+    run = _Run(accelerator, say, per_micro, micro, frozen, weight_dtype, examples, encoded, settings, weights, distil,
+               model, accelerator.unwrap_model(model), optimizer, lr_scheduler, ema, 0, 0, [])
     if options.resume and checkpoint_step(ckpt) is not None:
-        state = _load_training_state(accelerator, ckpt, modules, optimizer, lr_scheduler)
-        start = int(state["step"])
-        losses = [list(x) for x in state.get("losses", [])]
-        say(f"{code}: resuming at step {start} from {ckpt}")
-    end = spec.max_steps if options.stop_at is None else min(options.stop_at, spec.max_steps)
-    if start > end:
-        raise TrainingError(f"{ckpt} is at step {start}, past --stop-at {end}")
+        state = _load_training_state(accelerator, ckpt, _modules(run), optimizer, lr_scheduler)
+        run.start = int(state["step"])
+        run.losses = [list(x) for x in state.get("losses", [])]
+        say(f"{plan.code}: resuming at step {run.start} from {ckpt}")
+    run.end = spec.max_steps if options.stop_at is None else min(options.stop_at, spec.max_steps)
+    if run.start > run.end:
+        raise TrainingError(f"{ckpt} is at step {run.start}, past --stop-at {run.end}")
+    return run
 
-    if options.report_to != "none":
-        accelerator.init_trackers(f"polybridge-{code}-{branch_type}",
-                                  config={k: v for k, v in dataclasses.asdict(spec).items()})
-    order = DataOrder(examples.n, spec.seed)
-    rank = accelerator.process_index
-    seen: dict[int, list[int]] = {}
-    latent_shape = tuple(encoded.latents.shape[1:])
-    num_timesteps = frozen.noise_scheduler.config.num_train_timesteps
-    # The backbone's "" context, on the device once; every step passes it, batch-broadcast, to the frozen UNet,
-    # whose cross-attention keys and values of it are then computed once (_constant_context_kv).
-    backbone_context = encoded.empty_context.to(device=device, dtype=weight_dtype)
+
+def _models(registry: Registry, plan: _Plan, options: TrainOptions,
+            accelerator: Any) -> tuple[_Frozen, Any, torch.dtype, dict[str, str]]:
+    """The frozen backbone and native encoder, cast to the run's precision on its device; the branch (float32);
+    and what the settings record of the backbone (name, architecture fingerprint, weights digest)."""
+    from diffusers import DDPMScheduler
+
+    bb, encoder = _load_frozen(registry, plan.entry, options.backbone)
+    unet = bb.unet
+    backbone_digest = weights_digest(unet)  # before any cast: the same weights give the same digest at any precision
+    branch = _build_branch(plan.branch_cls, plan.entry, unet, encoder, plan.branch_options, options.init_from,
+                           plan.spec.seed)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (*bb.frozen_modules(), encoder.model):
+        torch.nn.Module.to(module, device=device, dtype=weight_dtype)  # ModelMixin.to warns on every cast
+    torch.nn.Module.to(branch, device=device)
+    frozen = _Frozen(unet=unet, vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, encoder=encoder,
+                     noise_scheduler=DDPMScheduler.from_config(bb.scheduler.config), backbone=bb)
+    if plan.spec.gradient_checkpointing:
+        if getattr(branch, "_supports_gradient_checkpointing", False):
+            branch.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
+    backbone = {"backbone": bb.name, "backbone_fingerprint": bb.fingerprint, "backbone_weights": backbone_digest}
+    return frozen, branch, weight_dtype, backbone
+
+
+def _data(registry: Registry, plan: _Plan, options: TrainOptions, frozen: _Frozen, backbone: dict[str, str],
+          say: Callable[[str], None]) -> tuple[Examples, dict, dict[str, float], bool]:
+    """The examples at the backbone's image size, the run's settings (what a resume must match), the loss weights,
+    and whether the branch distils from the English caption (only where the data has one)."""
+    spec, entry = plan.spec, plan.entry
+    vae_scale = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
+    sample_size = frozen.unet.config.sample_size
+    latent_side = sample_size if isinstance(sample_size, int) else sample_size[0]
+    image_size = latent_side * vae_scale
+    weights = {"denoise": spec.denoise_weight, "distill_output": spec.distill_output_weight,
+               "distill_features": spec.distill_weight}
+    distil = plan.branch_cls.distills and (spec.distill_output_weight > 0 or spec.distill_weight > 0)
+    if distil and (entry.data is None or entry.data.english_column is None):
+        say(f"{plan.code}: data.english_column is not set, so the {plan.branch_type} branch trains with the "
+            "denoising loss only")
+        distil = False
+    examples = load_examples(registry, entry, image_size=image_size, seed=spec.seed, num_samples=options.num_samples,
+                             need_english=distil, objects=options.objects)
+    assert entry.encoder is not None
+    settings = {
+        "language": plan.code, "branch_type": plan.branch_type, "branch_options": plan.branch_options,
+        **backbone, "encoder": entry.encoder.source, "data": examples.description,
+        "init_from": str(options.init_from or ""), "training": dataclasses.asdict(spec),
+    }
+    if options.resume and checkpoint_step(plan.ckpt) is not None:
+        changed = _settings_diff(_read_settings(plan.ckpt), settings)
+        if changed:
+            raise TrainingError(f"{plan.ckpt}: the checkpoint was made with other settings ({', '.join(changed)} "
+                                "differ); resume with the same ones, or pass --overwrite (without --resume) to start over")
+    elif options.resume:
+        say(f"{plan.code}: no checkpoint in {plan.ckpt}; starting from step 0")
+    return examples, settings, weights, distil
+
+
+def _modules(run: _Run) -> dict[str, torch.nn.Module]:
+    """What a checkpoint holds besides the optimizer and the schedule."""
+    return {"branch": run.unwrapped, **({"ema": run.ema} if run.ema is not None else {})}
+
+
+def _train_steps(run: _Run, plan: _Plan, options: TrainOptions,
+                 callback: Callable[[int, float, Any], None] | None) -> dict[int, list[int]]:
+    """Steps ``run.start`` to ``run.end``, checkpointing every ``checkpoint_every``; returns the examples each step
+    drew on this process (``--log-data-order``; else empty)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, end), initial=start, total=spec.max_steps, desc=f"train {code} ({branch_type})",
-               dynamic_ncols=True, disable=not (options.progress and main))
-    started, window = time.time(), []
+    spec, accelerator, ckpt = plan.spec, run.accelerator, plan.ckpt
+    order = DataOrder(run.examples.n, spec.seed)
+    rank = accelerator.process_index
+    seen: dict[int, list[int]] = {}
+    # The backbone's "" context, on the device once; every step passes it, batch-broadcast, to the frozen UNet,
+    # whose cross-attention keys and values of it are then computed once (_constant_context_kv).
+    backbone_context = run.encoded.empty_context.to(device=accelerator.device, dtype=run.weight_dtype)
+    bar = tqdm(range(run.start, run.end), initial=run.start, total=spec.max_steps,
+               desc=f"train {plan.code} ({plan.branch_type})", dynamic_ncols=True,
+               disable=not (options.progress and accelerator.is_main_process))
+    window: list[float] = []
     last_good = checkpoint_step(ckpt) if options.resume else None
-    model.train()
-    with _constant_context_kv(unet, backbone_context):
+    run.model.train()
+    with _constant_context_kv(run.frozen.unet, backbone_context):
         for step in bar:
             t0 = time.perf_counter()
-            step_loss = 0.0
-            parts_sum: dict[str, float] = {}
+            step_loss, parts_sum = 0.0, {}
             for a in range(spec.gradient_accumulation_steps):
-                positions = range(a * per_micro + rank * micro, a * per_micro + (rank + 1) * micro)
+                positions = range(a * run.per_micro + rank * run.micro, a * run.per_micro + (rank + 1) * run.micro)
                 indices = order.indices(step, spec.batch_size, positions)
                 if options.log_data_order:
                     seen.setdefault(step, []).extend(indices)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        parts = _step_loss(model, unwrapped, branch_cls, frozen, encoded, indices, positions, step,
-                                           spec, weights, distil, device, weight_dtype, num_timesteps, latent_shape,
-                                           backbone_context)
-                    loss = accelerator.reduce(parts["loss"].detach().float().reshape(1), "mean").item()
-                    if not math.isfinite(loss):
-                        where = f"the last good checkpoint is {ckpt} (step {last_good})" if last_good else \
-                            "no checkpoint was written yet"
-                        raise TrainingError(f"{code}: the loss is {loss} at step {step} (learning rate "
-                                            f"{lr_scheduler.get_last_lr()[0]:.2e}); stopped before the optimizer step, "
-                                            f"{where}, and {out} is untouched; try a lower learning_rate or "
-                                            "mixed_precision no, then --resume")
-                    accelerator.backward(parts["loss"])
-                    if accelerator.sync_gradients and spec.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                loss, parts = _accumulation_step(run, plan, step, indices, positions, backbone_context, last_good)
                 step_loss += loss / spec.gradient_accumulation_steps
                 for k, v in parts.items():
                     if k != "loss":
                         parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / spec.gradient_accumulation_steps
-            lr_scheduler.step()
-            if ema is not None:
-                _ema_update(ema, unwrapped, spec.ema_decay, step)
-            losses.append([step + 1, round(step_loss, 6)])
+            run.lr_scheduler.step()
+            if run.ema is not None:
+                _ema_update(run.ema, run.unwrapped, spec.ema_decay, step)
+            run.losses.append([step + 1, round(step_loss, 6)])
             window = (window + [time.perf_counter() - t0])[-20:]
             rate = spec.batch_size * len(window) / sum(window)
-            bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{rate:.1f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
+            lr = run.lr_scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{rate:.1f}", lr=f"{lr:.1e}")
             if options.report_to != "none":
-                accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate,
-                                 **parts_sum}, step=step + 1)
-            if (step + 1) % spec.checkpoint_every == 0 or step + 1 == end:
-                _save_training_state(accelerator, ckpt, modules, step + 1, optimizer, lr_scheduler,
-                                     {"settings": settings, "losses": losses})
+                accelerator.log({"loss": step_loss, "lr": lr, "samples_per_s": rate, **parts_sum}, step=step + 1)
+            if (step + 1) % spec.checkpoint_every == 0 or step + 1 == run.end:
+                _save_training_state(accelerator, ckpt, _modules(run), step + 1, run.optimizer, run.lr_scheduler,
+                                     {"settings": run.settings, "losses": run.losses})
                 last_good = step + 1
             if callback is not None:
-                callback(step + 1, step_loss, SimpleNamespace(branch=unwrapped, ema=ema, frozen=frozen))
+                callback(step + 1, step_loss, SimpleNamespace(branch=run.unwrapped, ema=run.ema, frozen=run.frozen))
+    return seen
 
-    seconds = time.time() - started
-    final = ema if ema is not None else unwrapped
+
+def _accumulation_step(run: _Run, plan: _Plan, step: int, indices: list[int], positions: range,
+                       backbone_context: torch.Tensor, last_good: int | None) -> tuple[float, dict]:
+    """One micro-batch: forward, backward, and (on the last of an accumulation) the optimizer step. A non-finite
+    loss stops the run before the optimizer touches the weights, naming the last good checkpoint."""
+    accelerator, spec, model = run.accelerator, plan.spec, run.model
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            parts = _step_loss(model, run.unwrapped, plan.branch_cls, run.frozen, run.encoded, indices, positions,
+                               step, spec, run.weights, run.distil, accelerator.device, run.weight_dtype,
+                               run.frozen.noise_scheduler.config.num_train_timesteps,
+                               tuple(run.encoded.latents.shape[1:]), backbone_context)
+        loss = accelerator.reduce(parts["loss"].detach().float().reshape(1), "mean").item()
+        if not math.isfinite(loss):
+            where = f"the last good checkpoint is {plan.ckpt} (step {last_good})" if last_good else \
+                "no checkpoint was written yet"
+            raise TrainingError(f"{plan.code}: the loss is {loss} at step {step} (learning rate "
+                                f"{run.lr_scheduler.get_last_lr()[0]:.2e}); stopped before the optimizer step, "
+                                f"{where}, and {plan.out} is untouched; try a lower learning_rate or "
+                                "mixed_precision no, then --resume")
+        accelerator.backward(parts["loss"])
+        if accelerator.sync_gradients and spec.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, parts
+
+
+def _finish(run: _Run, plan: _Plan, options: TrainOptions, seen: dict[int, list[int]], seconds: float) -> dict:
+    """Write the branch (its EMA where kept) and ``train_info.json`` from the main process; return the info."""
+    accelerator, spec = run.accelerator, plan.spec
+    final = run.ema if run.ema is not None else run.unwrapped
+    rank, processes = accelerator.process_index, accelerator.num_processes
     if options.log_data_order:
-        atomic_write_text(work / DATA_ORDER_DIR / f"rank{rank}.json", json.dumps(
+        atomic_write_text(plan.work / DATA_ORDER_DIR / f"rank{rank}.json", json.dumps(
             {"rank": rank, "num_processes": processes, "weights": weights_digest(final),
              "steps": {str(k): v for k, v in seen.items()}}))
     accelerator.wait_for_everyone()
-    done = end - start
+    done = run.end - run.start
     info = {
-        "language": code, "branch_type": branch_type, "out": str(out), "work": str(work),
-        "steps": end, "max_steps": spec.max_steps, "resumed_from": start or None,
-        "stopped_early": end < spec.max_steps, "processes": processes, "device": str(device),
-        "mixed_precision": accelerator.mixed_precision, "examples": examples.n,
+        "language": plan.code, "branch_type": plan.branch_type, "out": str(plan.out), "work": str(plan.work),
+        "steps": run.end, "max_steps": spec.max_steps, "resumed_from": run.start or None,
+        "stopped_early": run.end < spec.max_steps, "processes": processes, "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision, "examples": run.examples.n,
         "seconds": round(seconds, 1), "samples_per_s": round(spec.batch_size * done / seconds, 2) if done else None,
-        "final_loss": losses[-1][1] if losses else None, "ema": spec.ema, "settings": settings, "losses": losses,
-        "command": " ".join(sys.argv),
+        "final_loss": run.losses[-1][1] if run.losses else None, "ema": spec.ema, "settings": run.settings,
+        "losses": run.losses, "command": " ".join(sys.argv),
     }
-    if main:
-        final.save_pretrained(out, overwrite=True, torch_dtype=SAVE_DTYPES[options.save_dtype])
-        atomic_write_text(work / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
-        say(f"{code}: wrote the {branch_type} branch to {out} (step {end}, loss {info['final_loss']}, "
-            f"{info['samples_per_s']} samples/s)")
+    if accelerator.is_main_process:
+        final.save_pretrained(plan.out, overwrite=True, torch_dtype=SAVE_DTYPES[options.save_dtype])
+        atomic_write_text(plan.work / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
+        run.say(f"{plan.code}: wrote the {plan.branch_type} branch to {plan.out} (step {run.end}, loss "
+                f"{info['final_loss']}, {info['samples_per_s']} samples/s)")
     accelerator.wait_for_everyone()
     if options.report_to != "none":
         accelerator.end_training()

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -38,8 +36,10 @@ from safetensors.torch import save as save_tensors
 from tqdm.auto import tqdm
 
 from polybridge.atomic import atomic_dir, atomic_write_bytes
-
-from polybridge.synthetic.render import render_scene
+from polybridge.errors import PolyBridgeValueError
+from polybridge.schedules import warmup_cosine
+from polybridge.seeding import step_seed
+from polybridge.synthetic.batches import render_batch
 from polybridge.synthetic.scenes import sample_scenes
 from polybridge.synthetic.world import Scene
 from polybridge.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
@@ -90,24 +90,6 @@ class EmbeddedConfig:
                    unet_layers_per_block=1, text_hidden=32, text_layers=1, text_heads=2)
 
 
-# --------------------------------------------------------------------------- data
-
-
-def step_seed(seed: int, stage: str, step: int) -> int:
-    """A seed per (stage, step): data order survives a resume exactly."""
-    return random.Random(f"{stage}:{seed}:{step}").getrandbits(31)
-
-
-def images_to_tensor(images: Sequence) -> torch.Tensor:
-    """PIL images -> float tensor (B, 3, H, W) in [-1, 1]."""
-    array = np.stack([np.asarray(im, dtype=np.uint8) for im in images]).astype(np.float32)
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-def render_batch(scenes: Sequence[Scene], size: int) -> torch.Tensor:
-    return images_to_tensor([render_scene(s, size) for s in scenes])
-
-
 # --------------------------------------------------------------------------- vae
 
 
@@ -127,8 +109,7 @@ def train_vae(work: Path, cfg: EmbeddedConfig, log: Callable[[str], None] = prin
     """Train (or resume) the VAE; returns it with its latent standardised per channel."""
     vae = make_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.vae_steps) / cfg.vae_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 100, cfg.vae_steps))
     ckpt = work / "vae"
     start = 0
     if checkpoint_step(ckpt) is not None:
@@ -267,9 +248,9 @@ def _schedule(cfg: EmbeddedConfig) -> dict:
     """Stable Diffusion 1.x's betas (so the backbone behaves like SD for every scheduler), rescaled to
     zero terminal SNR and with its prediction type when ``cfg`` asks (then sampled with trailing steps)."""
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type={cfg.prediction_type!r} is not valid; use 'epsilon' or 'v_prediction'")
+        raise PolyBridgeValueError(f"prediction_type={cfg.prediction_type!r} is not valid; use 'epsilon' or 'v_prediction'")
     if cfg.zero_terminal_snr and cfg.prediction_type == "epsilon":
-        raise ValueError("zero_terminal_snr=True needs prediction_type='v_prediction' (noise is all there is at the last step)")
+        raise PolyBridgeValueError("zero_terminal_snr=True needs prediction_type='v_prediction' (noise is all there is at the last step)")
     extra = {"rescale_betas_zero_snr": True} if cfg.zero_terminal_snr else {}
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type=cfg.prediction_type, **extra)
@@ -327,8 +308,7 @@ def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callabl
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     total = cfg.unet_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.unet_warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.unet_warmup, total))
     noise_sched = make_train_scheduler(cfg)
     ckpt = work / "unet"
     start = 0

@@ -42,7 +42,7 @@ Saved (atomically) into the language's ``encoder`` folder: the ``CLIPTextModel``
 (fp16 safetensors, config recording float32 so a plain ``from_pretrained`` loads float32),
 ``polybridge_encoder.json`` (how it was made, final metrics) and ``contrastive/`` (image tower,
 projections, probes and temperature as safetensors plus a config), which :class:`ContrastiveModel`
-loads for CLIPScore-style metrics. :func:`build_world_clip` makes the English one the same way: the
+loads for CLIPScore-style metrics. :func:`polybridge.embedded.world_clip.build_world_clip` makes the English one the same way: the
 synthetic world's own CLIP for CLIPScore / FID, with its tokenizer copied inside it.
 """
 
@@ -64,18 +64,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from polybridge.atomic import atomic_dir
+from polybridge.embedded.tiny_backbone import keep_float32_by_default
+from polybridge.errors import PolyBridgeError, PolyBridgeValueError
+from polybridge.schedules import warmup_cosine
+from polybridge.seeding import step_seed
+from polybridge.synthetic.batches import render_batch
 from polybridge.synthetic.scenes import is_heldout, sample_scenes
 from polybridge.synthetic.scorer import scene_targets, scorer_loss
 from polybridge.synthetic.world import BACKGROUNDS, COLOURS, CONCEPTS, OBJECTS, POSITIONS, SIZES, Scene
 from polybridge.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
-from polybridge.training.embedded import keep_float32_by_default, render_batch, step_seed
 
 INFO_FILE = "polybridge_encoder.json"
 CONTRASTIVE_DIR = "contrastive"
 CONTRASTIVE_CONFIG = "config.json"
 CONTRASTIVE_WEIGHTS = "model.safetensors"
 CONTRASTIVE_FORMAT = "polybridge-native-clip"
-WORLD_CLIP_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "world-clip"
 
 #: Text-side object classes: every world object, then "empty", then "an object this language does not name".
 TEXT_OBJECT_CLASSES: tuple[str, ...] = OBJECTS + ("empty", "unnamed")
@@ -86,7 +89,7 @@ UNNAMED_CLASS = len(OBJECTS) + 1
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 
 
-class NativeEncoderError(RuntimeError):
+class NativeEncoderError(PolyBridgeError, RuntimeError):
     """A native encoder cannot be built or loaded; the message names the path and what to do."""
 
 
@@ -146,7 +149,7 @@ class NativeEncoderConfig:
         if not 0.0 <= self.own_fraction <= 1.0:
             problems.append(f"own_fraction={self.own_fraction} must be in [0, 1]")
         if problems:
-            raise ValueError("NativeEncoderConfig: " + "; ".join(problems))
+            raise PolyBridgeValueError("NativeEncoderConfig: " + "; ".join(problems))
 
 
 def config_dict(cfg: NativeEncoderConfig) -> dict:
@@ -286,7 +289,7 @@ class ContrastiveModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype = torch.float32) -> "ContrastiveModel":
-        """Load a folder written by :func:`train_native_encoder` or :func:`build_world_clip`."""
+        """Load a folder written by :func:`train_native_encoder` or :func:`~polybridge.embedded.world_clip.build_world_clip`."""
         from safetensors.torch import load_file
         from transformers import CLIPTextModel
 
@@ -428,8 +431,7 @@ def load_language_tokenizer(path: Path | str):
 
 def _lr_lambda(cfg: NativeEncoderConfig) -> Callable[[int], float]:
     def f(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup))
-        return warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps)))
+        return warmup_cosine(step, cfg.warmup, cfg.steps, floor=0.02)
 
     return f
 
@@ -555,7 +557,7 @@ def train_native_encoder(registry, code: str, out_dir: str | Path, work_dir: str
         "name": entry.name,
         "what": "CLIPTextModel trained contrastively (symmetric InfoNCE, learned temperature, same-description "
                 "pairs as positives) on synthetic-world captions against its own image tower, plus attribute "
-                "losses on the pooled text state and on the image features; see polybridge/training/native_encoders.py",
+                "losses on the pooled text state and on the image features; see polybridge/embedded/native_encoders.py",
         "config": config_dict(cfg),
         "steps": cfg.steps,
         "resumed_from_step": start or None,
@@ -603,20 +605,6 @@ def save_native_encoder(model: ContrastiveModel, out_dir: str | Path, info: dict
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out_dir
-
-
-def build_world_clip(registry, out_dir: str | Path = WORLD_CLIP_DIR, work_dir: str | Path = "runs/native_encoders/en",
-                     cfg: NativeEncoderConfig | None = None, code: str | None = None, **kwargs) -> dict:
-    """The synthetic world's own CLIP, in the backbone's language (English), for CLIPScore / FID figures.
-
-    Trained exactly as the native encoders are, with ``languages/<code>/tokenizer``; written to
-    ``out_dir`` (not under ``languages/``: English has no native encoder) with the tokenizer copied
-    into ``out_dir/tokenizer`` so the folder stands alone; load it with :class:`ContrastiveModel`.
-    """
-    code = code or registry.backbone().language
-    tokenizer_path = registry.language(code).folder / "tokenizer"
-    return train_native_encoder(registry, code, out_dir, work_dir, cfg, tokenizer_path=tokenizer_path,
-                                copy_tokenizer=True, **kwargs)
 
 
 # --------------------------------------------------------------------------- evaluation

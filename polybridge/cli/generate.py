@@ -1,0 +1,182 @@
+"""``polybridge generate``: images from a prompt, or a file of prompts, in any registered language."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from polybridge.cli.common import CommandError, positive_int, print_json, read_prompt_file, registry_of
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    _check_arguments(args)
+    reg = registry_of(args)
+    prompts = read_prompt_file(args.file) if args.file else [args.prompt] * args.n
+    needed, plans = _languages_needed(args, reg, prompts)
+    target = Path(args.out if args.file else args.output)
+    from polybridge.atomic import check_writable_parent
+
+    check_writable_parent(target)
+    untrained_codes = _announce_untrained(reg, needed)
+    untrained = bool(untrained_codes)
+    from polybridge.pipeline import PolyBridgePipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    images = _draw(args, PolyBridgePipeline, reg, needed, prompts)
+    written = _write_images(args, target, images)
+    record = {"prompts": prompts if args.file else [args.prompt], "n": len(images), "language": args.lang or "auto",
+              "trained_branch": not untrained,
+              "fallback": (untrained_codes.get(args.lang) if args.lang else untrained_codes) if untrained else None,
+              "routes": None if plans is None else [p.to_dict() for p in plans],
+              "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance, "negative_prompt": args.negative,
+              "english_prompt": args.english_prompt, "size": images[0].size[0], "backbone": reg.default_backbone,
+              "written": written, "seconds": round(time.time() - started, 2)}
+    if args.json:
+        print_json(record)
+    else:
+        print(f"wrote {written[0] if len(written) == 1 else target} ({len(images)} images, {record['seconds']}s)")
+    return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse what cannot work before the registry or any model is read."""
+    if (args.prompt is None) == (args.file is None):
+        raise CommandError("give either a PROMPT or --file PROMPTS.txt (not both)")
+    if args.file is not None and args.out is None:
+        raise CommandError("--file needs --out DIR (one image per line goes there)")
+    if args.file is None and args.output is None:
+        raise CommandError("give -o OUT.png for the image grid")
+    if args.prompt is not None and not args.prompt.strip():
+        raise CommandError("the prompt is empty; say what to draw (use --guidance 0 for unconditional samples)")
+    if args.guidance < 0:
+        raise CommandError(f"--guidance must be 0 or more, got {args.guidance}")
+
+
+def _languages_needed(args: argparse.Namespace, reg: Any, prompts: list[str]) -> tuple[list[str], list | None]:
+    """The languages whose branches the prompts need, and the router's plans (``None`` with ``--lang``).
+
+    A span routed to an untrained branch whose fallback is ``error`` stops here, before anything is loaded."""
+    if args.lang is not None:
+        return [reg.language(args.lang).code], None
+    from polybridge.router import Router  # the router decides, prompt by prompt (and span by span)
+
+    router = Router.from_registry(reg)
+    plans = router.plan_many(list(dict.fromkeys(prompts)))
+    every = plans + router.plan_many([args.negative or ""])
+    for plan in every:
+        for span in plan.problems():
+            raise CommandError(f"{span.text!r} in {plan.prompt!r} is {span.language} ({span.how}), whose branch is "
+                               f"not trained and whose fallback is 'error' ({reg.language(span.language).file}); "
+                               f"train it with `polybridge train --lang {span.language}` or pass --lang")
+    needed = list(dict.fromkeys(s.language for p in every for s in p.spans))
+    if not args.json:
+        for plan in plans[:3]:
+            print(f"polybridge: routed {plan.prompt!r}: "
+                  + (", ".join(f"{s.language} {s.text!r}" for s in plan.spans) or "no spans"), file=sys.stderr)
+        if len(plans) > 3:
+            print(f"polybridge: ... and {len(plans) - 3} more prompts (`polybridge route` shows each plan)",
+                  file=sys.stderr)
+    return needed, plans
+
+
+def _announce_untrained(reg: Any, needed: list[str]) -> dict[str, str]:
+    """``{code: fallback}`` for each needed language without trained branch weights, each said once on stderr."""
+    untrained_codes = {}
+    for code in needed:
+        entry = reg.language(code)
+        status = entry.status()
+        if entry.branch is not None and status["branch"] != "present" and status["branch"] != "hub":
+            untrained_codes[code] = entry.fallback
+            print(f"polybridge: {code} has no trained branch yet ({entry.branch_source} is missing); "
+                  f"following its fallback '{entry.fallback}'"
+                  + (": the zero branch gives the backbone's image for an empty prompt, not your prompt"
+                     if entry.fallback == "zero-branch" else ""), file=sys.stderr)
+    return untrained_codes
+
+
+def _draw(args: argparse.Namespace, pipeline_cls: Any, reg: Any, needed: list[str], prompts: list[str]) -> list:
+    """The images, in prompt order, ``--batch-size`` prompts per pipeline call; batch k seeded by its first index."""
+    import warnings
+
+    import torch
+    from tqdm.auto import tqdm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the notice above says it once, plainly
+        pipe = pipeline_cls.from_registry(reg, languages=needed)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(language=args.lang, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  negative_prompt=args.negative, height=args.size, width=args.size)
+    if args.branch_scale is not None:
+        kwargs["branch_scale"] = args.branch_scale
+    if args.english_prompt and args.lang != reg.backbone().language:  # routed prompts: appended to their English
+        kwargs["english_prompt"] = args.english_prompt
+    images = []
+    batches = range(0, len(prompts), args.batch_size)
+    for start in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2 or args.json):
+        chunk = prompts[start:start + args.batch_size]
+        gen = torch.Generator().manual_seed(args.seed + start)
+        images.extend(pipe(chunk, generator=gen, **kwargs).images)
+    return images
+
+
+def _write_images(args: argparse.Namespace, target: Path, images: list) -> list[str]:
+    """``--file``: one PNG per prompt into the ``--out`` folder; else one grid PNG at ``-o``. Atomic both ways."""
+    from polybridge.atomic import atomic_dir, atomic_write_bytes
+
+    if args.file:
+        with atomic_dir(target, overwrite=args.overwrite) as tmp:
+            for i, im in enumerate(images):
+                im.save(tmp / f"{i:06d}.png")
+        return [str(target / f"{i:06d}.png") for i in range(len(images))]
+    import io
+
+    from diffusers.utils import make_image_grid
+
+    cols = min(len(images), 4)
+    rows = -(-len(images) // cols)
+    blank = images[0].copy()
+    blank.paste((0, 0, 0), (0, 0, blank.width, blank.height))
+    grid = make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
+    if args.upscale > 1:
+        grid = grid.resize((grid.width * args.upscale, grid.height * args.upscale), resample=0)
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    atomic_write_bytes(target, buf.getvalue())
+    return [str(target)]
+
+
+def add_commands(sub: Any) -> None:
+    """``generate``."""
+    p = sub.add_parser("generate", help="draw images from a prompt (or a file of prompts) in any registered language",
+                       description="Generate with the backbone plus the language's branch. One prompt: an image "
+                                   "grid of -n images (-o OUT.png). --file: one image per line into --out DIR "
+                                   "(000000.png, 000001.png, ... in line order), batched.")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (omit with --file)")
+    p.add_argument("--lang", default=None, help="the prompt's language code (see `polybridge registry list`); "
+                                                "default: the router decides per prompt (see `polybridge route`)")
+    p.add_argument("-n", type=positive_int, default=4, help="images for a single prompt (default 4)")
+    p.add_argument("-o", "--output", default=None, help="image grid to write (PNG)")
+    p.add_argument("--file", default=None, help="a UTF-8 file with one prompt per line")
+    p.add_argument("--out", default=None, help="folder for --file's images (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0); batch k uses seed + its first index")
+    p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--negative", default=None, help="negative prompt (same language as the prompt)")
+    p.add_argument("--english-prompt", default="", help="English text for the backbone beside a native prompt (default \"\")")
+    p.add_argument("--branch-scale", type=float, default=None, help="scale of the branch (default: the entry's)")
+    p.add_argument("--size", type=positive_int, default=None, help="image side in pixels (default: the backbone's)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per batch (default 16)")
+    p.add_argument("--upscale", type=positive_int, default=4, help="enlarge the grid by this factor, nearest-neighbour (default 4)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print what was run as JSON")
+    p.set_defaults(func=cmd_generate)
