@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from polybridge.errors import PolyBridgeFileNotFoundError, PolyBridgeOSError, PolyBridgeValueError
 from polybridge.registry import RegistryError
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def _hidden_size(config: Any) -> int:
         value = getattr(config, attr, None)
         if isinstance(value, int):
             return value
-    raise ValueError(f"cannot tell the hidden size of {type(config).__name__}")
+    raise PolyBridgeValueError(f"cannot tell the hidden size of {type(config).__name__}")
 
 
 class NativeEncoder(torch.nn.Module):
@@ -53,9 +54,9 @@ class NativeEncoder(torch.nn.Module):
                  hidden_layer: int = -1, max_length: int = 64, max_chunks: int = DEFAULT_MAX_CHUNKS):
         super().__init__()
         if max_length < 1:
-            raise ValueError(f"max_length must be at least 1, got {max_length}")
+            raise PolyBridgeValueError(f"max_length must be at least 1, got {max_length}")
         if max_chunks < 1:
-            raise ValueError(f"max_chunks must be at least 1, got {max_chunks}")
+            raise PolyBridgeValueError(f"max_chunks must be at least 1, got {max_chunks}")
         self.model = model
         self.tokenizer = tokenizer
         self.code = code
@@ -64,12 +65,12 @@ class NativeEncoder(torch.nn.Module):
         self.max_length = max_length
         self.max_chunks = max_chunks
         if tokenizer.pad_token_id is None:
-            raise ValueError(f"{code or 'native'} tokenizer {name!r} has no pad token; set one in its tokenizer_config.json")
+            raise PolyBridgeValueError(f"{code or 'native'} tokenizer {name!r} has no pad token; set one in its tokenizer_config.json")
         # The special tokens around the text ([bos] text [eos], [CLS] text [SEP], text </s>) come from the
         # tokenizer itself, so chunks are wrapped exactly as an unchunked prompt is.
         self._prefix, self._suffix = self._special_tokens()
         if len(self._prefix) + len(self._suffix) >= max_length:
-            raise ValueError(f"max_length {max_length} leaves no room for text next to the "
+            raise PolyBridgeValueError(f"max_length {max_length} leaves no room for text next to the "
                              f"{len(self._prefix) + len(self._suffix)} special tokens of {name!r}")
 
     @property
@@ -96,7 +97,7 @@ class NativeEncoder(torch.nn.Module):
         for start in range(len(full) - len(body) + 1):
             if full[start:start + len(body)] == body:
                 return list(full[:start]), list(full[start + len(body):])
-        raise ValueError(f"cannot locate the text between the special tokens of tokenizer {self.name!r}")
+        raise PolyBridgeValueError(f"cannot locate the text between the special tokens of tokenizer {self.name!r}")
 
     def chunk_ids(self, prompt: str) -> list[list[int]]:
         """The token ids of each chunk of ``prompt`` (unpadded, special tokens included); at least one."""
@@ -143,7 +144,7 @@ class NativeEncoder(torch.nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         hidden = out.hidden_states
         if not -len(hidden) <= self.hidden_layer < len(hidden):
-            raise ValueError(f"{self.code}: encoder.hidden_layer {self.hidden_layer} is out of range for "
+            raise PolyBridgeValueError(f"{self.code}: encoder.hidden_layer {self.hidden_layer} is out of range for "
                              f"{self.name!r}, which has {len(hidden)} hidden states (0 = embeddings, -1 = last)")
         return hidden[self.hidden_layer]
 
@@ -153,7 +154,7 @@ class NativeEncoder(torch.nn.Module):
 
 def _check_local(path: Path | str, entry: LanguageEntry, what: str, hint: str) -> None:
     if isinstance(path, Path) and not path.exists():
-        raise FileNotFoundError(f"language {entry.code!r} ({entry.name}): {what} folder {path} does not exist "
+        raise PolyBridgeFileNotFoundError(f"language {entry.code!r} ({entry.name}): {what} folder {path} does not exist "
                                 f"({entry.file}); {hint}")
 
 
@@ -202,12 +203,12 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
         model, info = model_cls.from_pretrained(str(source), use_safetensors=True, output_loading_info=True,
                                                 **model_kwargs)
     except OSError as exc:
-        raise OSError(f"language {entry.code!r}: cannot load encoder {spec.model_class} from {source} "
+        raise PolyBridgeOSError(f"language {entry.code!r}: cannot load encoder {spec.model_class} from {source} "
                       f"({entry.file}, key encoder.source): {exc}") from exc
     missing = sorted(str(k) for k in info.get("missing_keys", ()) if k)
     mismatched = list(info.get("mismatched_keys", ()))
     if missing or mismatched:
-        raise ValueError(f"language {entry.code!r}: encoder weights in {source} do not fit {spec.model_class} "
+        raise PolyBridgeValueError(f"language {entry.code!r}: encoder weights in {source} do not fit {spec.model_class} "
                          f"(missing: {', '.join(map(str, missing[:8])) or 'none'}; wrong shape: "
                          f"{', '.join(str(m[0]) if isinstance(m, tuple) else str(m) for m in mismatched[:8]) or 'none'}); "
                          "refusing to run with randomly initialised weights")
@@ -216,7 +217,7 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
     try:
         tokenizer = tokenizer_cls.from_pretrained(str(tok_source), **hub_kwargs(tok_source))
     except OSError as exc:
-        raise OSError(f"language {entry.code!r}: cannot load tokenizer from {tok_source} "
+        raise PolyBridgeOSError(f"language {entry.code!r}: cannot load tokenizer from {tok_source} "
                       f"({entry.file}, key encoder.tokenizer): {exc}") from exc
     positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and spec.max_length > positions:

@@ -35,3 +35,11 @@ class PolyBridgeNotADirectoryError(PolyBridgeError, NotADirectoryError):
 
 class PolyBridgePermissionError(PolyBridgeError, PermissionError):
     """A place the user asked polybridge to write that this process may not write."""
+
+
+class PolyBridgeOSError(PolyBridgeError, OSError):
+    """Weights, a tokenizer or another input that cannot be read as what the registry says it is."""
+
+
+class PolyBridgeTypeError(PolyBridgeError, TypeError):
+    """An argument of the wrong type (a list where a string is expected, ...)."""

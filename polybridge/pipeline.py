@@ -50,6 +50,7 @@ from polybridge.backbones import Backbone, BackboneError, family_of_unet, get_fa
 from polybridge.branches import Branch, get_branch_class, load_branch
 from polybridge.conditioning import Conditioning, compose, concat
 from polybridge.encoders import NativeEncoder, load_encoder
+from polybridge.errors import PolyBridgeFileNotFoundError, PolyBridgeTypeError, PolyBridgeValueError
 from polybridge.registry import LanguageEntry, Registry, RegistryError, load_registry
 from polybridge.router import RoutePlan, Router
 
@@ -153,11 +154,11 @@ class PolyBridgePipeline(DiffusionPipeline):
         self._languages: dict[str, LoadedLanguage] = {backbone_language: LoadedLanguage(backbone_language, "backbone")}
         for code in (encoders or {}):
             if branches is None or code not in branches:
-                raise ValueError(f"language {code!r} has an encoder but no branch")
+                raise PolyBridgeValueError(f"language {code!r} has an encoder but no branch")
             self.add_language(code, encoders[code], branches[code])
         for code in (branches or {}):
             if encoders is None or code not in encoders:
-                raise ValueError(f"language {code!r} has a branch but no encoder")
+                raise PolyBridgeValueError(f"language {code!r} has a branch but no encoder")
 
     # ------------------------------------------------------------------ building
 
@@ -207,7 +208,7 @@ class PolyBridgePipeline(DiffusionPipeline):
         where = f"{source}" if source is not None else "(branch.weights is null)"
         untrained = f"language {code!r} ({entry.name}) has no trained branch: {where} ({entry.file}, key branch.weights)"
         if entry.fallback == "error":
-            raise FileNotFoundError(f"{untrained}; its fallback is 'error'; {TRAIN_HINT.format(code=code)}")
+            raise PolyBridgeFileNotFoundError(f"{untrained}; its fallback is 'error'; {TRAIN_HINT.format(code=code)}")
         if entry.fallback == "backbone":
             warnings.warn(f"{untrained}; fallback 'backbone': its prompts go as they are to the backbone's "
                           f"English text encoder; {TRAIN_HINT.format(code=code)}", stacklevel=3)
@@ -226,10 +227,10 @@ class PolyBridgePipeline(DiffusionPipeline):
         """Add (or replace) a language: with an encoder and a branch, or with neither (its text then goes
         to the backbone's text encoder). The branch must have been built for this backbone."""
         if code == self.config.backbone_language:
-            raise ValueError(f"{code!r} is the backbone's language; it needs no encoder or branch")
+            raise PolyBridgeValueError(f"{code!r} is the backbone's language; it needs no encoder or branch")
         self._router = None  # targets change with the loaded languages
         if (encoder is None) != (branch is None):
-            raise ValueError(f"language {code!r}: give both an encoder and a branch, or neither")
+            raise PolyBridgeValueError(f"language {code!r}: give both an encoder and a branch, or neither")
         for modules in (self.encoders, self.branches):
             if code in modules:
                 del modules[code]
@@ -238,7 +239,7 @@ class PolyBridgePipeline(DiffusionPipeline):
             return
         branch.check_backbone(self.unet, where=f"language {code!r} branch")
         if branch.encoder_hidden_size is not None and branch.encoder_hidden_size != encoder.hidden_size:
-            raise ValueError(f"language {code!r}: the branch reads {branch.encoder_hidden_size}-wide token states, "
+            raise PolyBridgeValueError(f"language {code!r}: the branch reads {branch.encoder_hidden_size}-wide token states, "
                              f"but encoder {encoder.name!r} gives {encoder.hidden_size}")
         if branch.encoder_name and encoder.name and branch.encoder_name != encoder.name:
             warnings.warn(f"language {code!r}: the branch was built for encoder {branch.encoder_name!r}, "
@@ -275,7 +276,7 @@ class PolyBridgePipeline(DiffusionPipeline):
             base = self._base_router
             if base is None:
                 if self.registry is None:
-                    raise ValueError("language=None: routing needs a router, and this pipeline was built from "
+                    raise PolyBridgeValueError("language=None: routing needs a router, and this pipeline was built from "
                                      "components without a registry; set pipe.router = polybridge.router.Router(...), "
                                      "build it with PolyBridgePipeline.from_registry(), or pass language= one of "
                                      f"{', '.join(self._languages)}")
@@ -311,7 +312,7 @@ class PolyBridgePipeline(DiffusionPipeline):
             for code, text, neg, eng in zip(self.resolve_languages(prompts, language), prompts, negatives, englishes):
                 if self._languages[code].route == "backbone":
                     if eng:
-                        raise ValueError(f"english_prompt is for prompts that run a branch; {code!r} prompts go to the "
+                        raise PolyBridgeValueError(f"english_prompt is for prompts that run a branch; {code!r} prompts go to the "
                                          "backbone's text encoder themselves, so pass the English text as the prompt")
                     rows.append(_Row(code, text, neg, {}))
                 else:
@@ -324,7 +325,7 @@ class PolyBridgePipeline(DiffusionPipeline):
                     loaded = ", ".join(self._languages)
                     hint = (f"load it with PolyBridgePipeline.from_registry(languages=[..., {span.language!r}])"
                             if span.target == "not-loaded" else "its fallback is 'error'")
-                    raise ValueError(f"{what} {i} ({p.prompt!r}): {span.text!r} is {span.language!r} "
+                    raise PolyBridgeValueError(f"{what} {i} ({p.prompt!r}): {span.text!r} is {span.language!r} "
                                      f"({span.how}, confidence {span.confidence:.2f}), which this pipeline cannot run "
                                      f"(loaded: {loaded}); {hint}, or pass language=")
             backbone = ", ".join(t for t in (plan.backbone_text, eng) if t)
@@ -339,7 +340,7 @@ class PolyBridgePipeline(DiffusionPipeline):
         loaded = ", ".join(self._languages)
         if self.registry is not None:
             self.registry.language(code)  # not registered at all: RegistryError listing the valid codes
-            raise ValueError(f"language {code!r} is registered but not loaded in this pipeline (loaded: {loaded}); "
+            raise PolyBridgeValueError(f"language {code!r} is registered but not loaded in this pipeline (loaded: {loaded}); "
                              f"load it with PolyBridgePipeline.from_registry(languages=[..., {code!r}])")
         raise RegistryError("PolyBridgePipeline", "language", f"unknown language code {code!r}", valid=self._languages)
 
@@ -410,23 +411,23 @@ class PolyBridgePipeline(DiffusionPipeline):
         """The prompts and the image size, once every argument is checked."""
         prompts = _as_list(prompt, "prompt")
         if not prompts:
-            raise ValueError("prompt: the list is empty; give at least one prompt (\"\" is the unconditional one)")
+            raise PolyBridgeValueError("prompt: the list is empty; give at least one prompt (\"\" is the unconditional one)")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer of at least 1, got {num_inference_steps!r}")
+            raise PolyBridgeValueError(f"num_inference_steps must be an integer of at least 1, got {num_inference_steps!r}")
         if not _is_number(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number of at least 0, got {guidance_scale!r}")
+            raise PolyBridgeValueError(f"guidance_scale must be a number of at least 0, got {guidance_scale!r}")
         if branch_scale is not None and not _is_number(branch_scale):
-            raise ValueError(f"branch_scale must be a finite number or None, got {branch_scale!r}")
+            raise PolyBridgeValueError(f"branch_scale must be a finite number or None, got {branch_scale!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer of at least 1, got {num_images_per_prompt!r}")
+            raise PolyBridgeValueError(f"num_images_per_prompt must be an integer of at least 1, got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type {output_type!r} is not supported; valid: {', '.join(OUTPUT_TYPES)}")
+            raise PolyBridgeValueError(f"output_type {output_type!r} is not supported; valid: {', '.join(OUTPUT_TYPES)}")
         sample_size = self.unet.config.sample_size
         default_h, default_w = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
         height = height or default_h * self.vae_scale_factor
         width = width or default_w * self.vae_scale_factor
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+            raise PolyBridgeValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
         return prompts, height, width
 
     def _denoise(self, latents: torch.Tensor, base: Conditioning, items: list[_BranchRows], guidance_scale: float,
@@ -485,7 +486,7 @@ class PolyBridgePipeline(DiffusionPipeline):
         rows = [row for row in self._rows(prompts, negatives, englishes, language) for _ in range(n)]
         batch = len(rows)
         if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"generator: {len(generator)} generators for {batch} images "
+            raise PolyBridgeValueError(f"generator: {len(generator)} generators for {batch} images "
                              f"({batch // n} prompts x num_images_per_prompt {n}); give one per image or a single one")
 
         do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
@@ -521,7 +522,7 @@ def _as_list(value: Any, name: str) -> list[str]:
         return [value]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise TypeError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    raise PolyBridgeTypeError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
 
 
 def _broadcast(value: Any, n: int, name: str) -> list[str]:
@@ -529,5 +530,5 @@ def _broadcast(value: Any, n: int, name: str) -> list[str]:
     if isinstance(value, str):
         return values * n
     if len(values) != n:
-        raise ValueError(f"{name}: {len(values)} entries for {n} prompts; give one string or one per prompt")
+        raise PolyBridgeValueError(f"{name}: {len(values)} entries for {n} prompts; give one string or one per prompt")
     return values

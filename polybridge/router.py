@@ -114,6 +114,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from polybridge.errors import PolyBridgeTypeError, PolyBridgeValueError
 from polybridge.unicode_scripts import SCRIPT_RANGES
 
 #: Where a span goes. ``not-loaded``: a registered language a pipeline has not loaded.
@@ -381,24 +382,24 @@ class Router:
                  cache_size: int = PLAN_CACHE_SIZE, scorer: WordScorer | None = None,
                  seed_words: Mapping[str, Iterable[str]] | None = None):
         if not languages:
-            raise ValueError("a router needs at least one language")
+            raise PolyBridgeValueError("a router needs at least one language")
         self.languages = {code: tuple(scripts) for code, scripts in languages.items()}
         for code, scripts in self.languages.items():
             unknown = [s for s in scripts if s not in SCRIPT_RANGES]
             if unknown:
-                raise ValueError(f"language {code!r}: unknown script {unknown[0]!r}; valid: {', '.join(_SCRIPTS)}")
+                raise PolyBridgeValueError(f"language {code!r}: unknown script {unknown[0]!r}; valid: {', '.join(_SCRIPTS)}")
         self.backbone_language = backbone_language
         self.fallback_language = fallback_language or backbone_language
         for name, code in (("backbone_language", backbone_language), ("fallback_language", self.fallback_language)):
             if code not in self.languages:
-                raise ValueError(f"{name} {code!r} is not one of the router's languages: {', '.join(self.languages)}")
+                raise PolyBridgeValueError(f"{name} {code!r} is not one of the router's languages: {', '.join(self.languages)}")
         if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+            raise PolyBridgeValueError(f"threshold must be in [0, 1], got {threshold}")
         self.threshold = float(threshold)
         self.routes = {code: "backbone" if code == backbone_language else "branch" for code in self.languages}
         for code, target in (routes or {}).items():
             if code not in self.languages or target not in TARGETS:
-                raise ValueError(f"routes: {code!r} -> {target!r}; codes: {', '.join(self.languages)}; "
+                raise PolyBridgeValueError(f"routes: {code!r} -> {target!r}; codes: {', '.join(self.languages)}; "
                                  f"targets: {', '.join(TARGETS)}")
             self.routes[code] = target
         self.untrained = frozenset(untrained)
@@ -456,7 +457,7 @@ class Router:
     def plan(self, prompt: str) -> RoutePlan:
         """The :class:`RoutePlan` of one prompt (cached per prompt)."""
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+            raise PolyBridgeTypeError(f"prompt must be a string, got {type(prompt).__name__}")
         plans = self._plans
         found = plans.get(prompt)
         if found is not None:
@@ -477,7 +478,7 @@ class Router:
         new words of all of them go to lingua in one call, which spreads them over its threads."""
         for prompt in prompts:
             if not isinstance(prompt, str):
-                raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+                raise PolyBridgeTypeError(f"prompt must be a string, got {type(prompt).__name__}")
         scorer = self.scorer
         if scorer is not None and self._tied_word_re is not None:
             new = [p for p in dict.fromkeys(prompts) if p not in self._plans]
@@ -827,7 +828,7 @@ def read_route_set(path: str | Path) -> list[tuple[str, str]]:
             continue
         parts = line.split("\t")
         if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise ValueError(f"{path}: line {number}: expected EXPECTED<TAB>PROMPT, got {line!r}")
+            raise PolyBridgeValueError(f"{path}: line {number}: expected EXPECTED<TAB>PROMPT, got {line!r}")
         rows.append((parts[0], parts[1]))
     return rows
 

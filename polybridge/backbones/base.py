@@ -22,13 +22,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from polybridge import catalog
 from polybridge.errors import PolyBridgeError, PolyBridgeFileNotFoundError
-from polybridge.registry import Registry, RegistryError, load_registry
+from polybridge.registry import Registry, load_registry
 
 if TYPE_CHECKING:  # heavy imports stay out of module import time
     import torch

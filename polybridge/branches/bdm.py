@@ -132,7 +132,7 @@ class BDMBranch(Branch, AttentionMixin):
         self.fresh_keys: list[str] = []  # weights from_unet could not copy (set by from_unet)
         n = len(down_block_types)
         if len(block_out_channels) != n:
-            raise ValueError(f"block_out_channels {tuple(block_out_channels)} and down_block_types "
+            raise BranchError(f"block_out_channels {tuple(block_out_channels)} and down_block_types "
                              f"{tuple(down_block_types)} must have the same length")
         # diffusers' historical naming: attention_head_dim is the number of heads unless both are given.
         num_attention_heads = num_attention_heads or attention_head_dim
@@ -157,7 +157,7 @@ class BDMBranch(Branch, AttentionMixin):
             self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
             self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
         elif addition_embed_type is not None:
-            raise ValueError(f"addition_embed_type {addition_embed_type!r} is not supported; valid: None, 'text_time'")
+            raise BranchError(f"addition_embed_type {addition_embed_type!r} is not supported; valid: None, 'text_time'")
 
         self.down_blocks = nn.ModuleList()
         self.controlnet_down_blocks = nn.ModuleList([_zero_conv(block_out_channels[0])])  # conv_in's residual

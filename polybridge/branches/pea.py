@@ -80,7 +80,7 @@ class PEABranch(Branch):
                  num_layers: int = 3, bias: bool = False, layer_norm_eps: float = 1e-5, pooled_dim: int | None = None):
         super().__init__()
         if num_layers < 1:
-            raise ValueError(f"num_layers must be at least 1 (the output Linear), got {num_layers}")
+            raise BranchError(f"num_layers must be at least 1 (the output Linear), got {num_layers}")
         self.norm = nn.LayerNorm(native_hidden_size, eps=layer_norm_eps)
         widths = [native_hidden_size] + [hidden_size] * (num_layers - 1) + [context_dim]
         layers: list[nn.Module] = []

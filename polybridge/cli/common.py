@@ -24,40 +24,20 @@ PATH_ARGUMENTS = {"registry": "--registry", "output": "-o", "out": "--out", "fil
                   "scorer": "--scorer", "work": "--work", "init_from": "--init-from"}
 
 
-#: Modules being rewritten elsewhere (issue 18) that still raise built-in exceptions (``ValueError``,
-#: ``FileNotFoundError``, ...) for a user's mistake. Until they raise :class:`PolyBridgeError` subclasses, an exception
-#: one of them raises *itself* (the innermost frame is theirs) is taken for one; anything raised deeper (torch,
-#: diffusers, ...) still shows its traceback. Drop a module from here once it is converted.
-NOT_YET_CONVERTED = ("polybridge.backbone", "polybridge.encoders", "polybridge.pipeline", "polybridge.router",
-                     "polybridge.branches", "polybridge.bench.runner")
-
-
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """``func(args)``, with two kinds of built-in exceptions turned into a :class:`CommandError` (one line, exit 2):
-    the operating system's refusal of a path the user named (a missing folder, permission denied, a full disk),
-    naming the argument and the path, and a message raised by a module of :data:`NOT_YET_CONVERTED`. An
-    ``OSError`` on any other path, like any other exception, is not the user's doing and keeps its traceback."""
+    """``func(args)``, with the operating system's refusal of a path the user named (a missing folder, permission
+    denied, a full disk) turned into a :class:`CommandError` (one line, exit 2) naming the argument and the path.
+    An ``OSError`` on any other path, like any other exception that is not a :class:`PolyBridgeError`, is not the
+    user's doing and keeps its traceback."""
     try:
         return func(args)
-    except (ValueError, OSError, RuntimeError) as exc:
-        if isinstance(exc, PolyBridgeError):
-            raise
-        if _raised_by_unconverted_module(exc):
-            raise CommandError(str(exc)) from exc
-        named = _user_path(args, exc) if isinstance(exc, OSError) else None
+    except OSError as exc:
+        named = None if isinstance(exc, PolyBridgeError) else _user_path(args, exc)
         if named is None:
             raise
         flag, value, exact = named
         where = "" if exact else f" ({exc.filename})"
         raise CommandError(f"{flag} {value}: {exc.strerror or exc}{where}") from exc
-
-
-def _raised_by_unconverted_module(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-    return any(module == m or module.startswith(m + ".") for m in NOT_YET_CONVERTED)
 
 
 def _user_path(args: argparse.Namespace, exc: OSError) -> tuple[str, str, bool] | None:
