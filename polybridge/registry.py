@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
+import reprlib
 import stat
 import types
 import typing
@@ -28,7 +30,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from polybridge import catalog
+from polybridge import catalog, limits
 from polybridge.errors import PolyBridgeError
 from polybridge.unicode_scripts import KNOWN_SCRIPTS
 
@@ -86,7 +88,10 @@ def is_local_source(source: str) -> bool:
 def resolve_source(source: str, base: Path) -> Path | str:
     """A local source as an absolute :class:`Path` (relative to ``base``), a hub id unchanged."""
     if is_local_source(source):
-        return (base / Path(source).expanduser()).resolve()
+        full = base / Path(source).expanduser()
+        if full.name in ("", ".", ".."):
+            return full.resolve()
+        return full.parent.resolve() / full.name  # a symlink stays a link: an output there replaces the link
     return source
 
 
@@ -362,7 +367,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
             continue  # SafeLoader's own error names it
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
+                None, None, f"duplicate key {excerpt(key)} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
         seen[key] = key_node
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -370,31 +375,107 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+#: The largest YAML data file (registry, language entry, grammar, prompt set) polybridge reads, in bytes; the
+#: shipped ones are under 5 kB.
+YAML_MAX_BYTES = 1 << 20
+#: The most nodes a YAML file may hold once its aliases (``*name``) are expanded: a few kB of nested aliases
+#: (a "billion laughs") would otherwise grow into gigabytes wherever the value is walked or printed.
+YAML_MAX_NODES = 100_000
+#: The most characters of a user's value an error message quotes.
+EXCERPT_CHARS = 80
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters (with the total length), for error messages about values a user
+    wrote: a huge or self-similar value is never rendered whole."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 8, 8, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
+def _expanded_nodes(node: yaml.Node, limit: int) -> int:
+    """How many nodes ``node`` stands for with every alias expanded, counting past ``limit`` only as far as needed;
+    shared (aliased) nodes are measured once and multiplied, so a bomb is measured without being expanded."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node, depth: int) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if depth > 500:
+            return limit + 1
+        sizes[id(n)] = limit + 1  # a node that contains itself never ends
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            children = n.value
+        elif isinstance(n, yaml.MappingNode):
+            children = [c for pair in n.value for c in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child, depth + 1)
+            if total > limit:
+                break
+        sizes[id(n)] = min(total, limit + 1)
+        return sizes[id(n)]
+
+    return size(node, 0)
+
+
 def read_yaml(path: Path, error: typing.Callable[[Path, str | None, str], Exception] = RegistryError,
               key: str | None = None) -> Any:
     """Parse one YAML file safely (a key written twice is refused); every failure is ``error(path, key,
     problem)`` naming the file (and line): a RegistryError, or the reader's own error class (the grammar
-    passes GrammarError and the key ``(yaml)``)."""
-    if not path.is_file():
-        raise error(path, key, "file not found")
+    passes GrammarError and the key ``(yaml)``). A file that is not a regular file (a device, a fifo), is over
+    YAML_MAX_BYTES, or whose aliases expand to over YAML_MAX_NODES nodes is refused before it is read or
+    expanded."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(path, key, f"cannot read: {exc}") from None
+        info = path.stat()
+    except OSError:
+        raise error(path, key, "file not found") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(path, key, "not a regular file (a device, fifo or folder cannot be read as YAML)")
+    if info.st_size > YAML_MAX_BYTES:
+        raise error(path, key, f"has {info.st_size:,} bytes; a YAML data file may have at most {YAML_MAX_BYTES:,}")
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+        with open(path, "rb") as fh:
+            raw = fh.read(YAML_MAX_BYTES + 1)
+        if len(raw) > YAML_MAX_BYTES:
+            raise error(path, key, f"has over {YAML_MAX_BYTES:,} bytes; a YAML data file may have at most that")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(path, key, f"cannot read: not UTF-8 (byte {exc.start})") from None
+    except OSError as exc:
+        raise error(path, key, f"cannot read: {exc.strerror or exc}") from None
+    loader = None
+    try:
+        loader = _StrictLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, YAML_MAX_NODES) > YAML_MAX_NODES:
+            raise error(path, key, f"its aliases (*name) expand to over {YAML_MAX_NODES:,} values; "
+                        "write the data out instead of nesting aliases")
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise error(path, key, f"not valid YAML: {where}{problem}") from None
+        raise error(path, key, f"not valid YAML: {where}{excerpt(problem, 200)}") from None
+    except (TypeError, RecursionError) as exc:  # an unhashable or self-containing key the constructor trips on
+        raise error(path, key, f"not valid data: {excerpt(str(exc), 200)} (keys must be plain strings)") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 # --------------------------------------------------------------------------- typed parsing
 
 
 def _suggest(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -434,46 +515,51 @@ def _convert(value: Any, tp: Any, file: Path, key: str) -> Any:
                 errors.append(exc)
         if len(errors) == 1:
             raise errors[0]
-        raise RegistryError(file, key, f"expected {_type_name(tp)}, got {value!r}")
+        raise RegistryError(file, key, f"expected {_type_name(tp)}, got {excerpt(value)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise RegistryError(file, key, f"{value!r} is not allowed{_suggest(value, map(str, allowed))}",
+            raise RegistryError(file, key, f"{excerpt(value)} is not allowed{_suggest(value, map(str, allowed))}",
                                 valid=[str(a) for a in allowed])
         return value
     if origin in (tuple, list):
         if not isinstance(value, list):
-            raise RegistryError(file, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            raise RegistryError(file, key, f"expected {_type_name(tp)}, got {type(value).__name__} {excerpt(value)}")
         (item_tp, *_rest) = typing.get_args(tp)
         return tuple(_convert(v, item_tp, file, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise RegistryError(file, key, f"expected a mapping, got {type(value).__name__} {value!r}")
+            raise RegistryError(file, key, f"expected a mapping, got {type(value).__name__} {excerpt(value)}")
         key_tp, val_tp = typing.get_args(tp)
         return {str(k): _convert(v, val_tp, file, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return parse_dataclass(tp, value, file, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise RegistryError(file, key, f"expected true or false, got {value!r}")
+            raise RegistryError(file, key, f"expected true or false, got {excerpt(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RegistryError(file, key, f"expected an integer, got {value!r}")
+            raise RegistryError(file, key, f"expected an integer, got {excerpt(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # YAML 1.1 reads "1e-4" (no dot) as a string; accept what Python reads as a number.
             if isinstance(value, str):
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
-            raise RegistryError(file, key, f"expected a number, got {value!r}")
+                else:
+                    if math.isfinite(number):
+                        return number
+            raise RegistryError(file, key, f"expected a number, got {excerpt(value)}")
+        if not math.isfinite(value):
+            raise RegistryError(file, key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise RegistryError(file, key, f"expected a string, got {type(value).__name__} {value!r}")
+            raise RegistryError(file, key, f"expected a string, got {type(value).__name__} {excerpt(value)}")
         return value
     raise TypeError(f"registry field type {tp!r} is not supported")  # a bug in this module, not in the file
 
@@ -482,7 +568,7 @@ def parse_dataclass(cls: type, data: Any, file: Path, key: str = "") -> Any:
     """Build frozen dataclass ``cls`` from a YAML mapping, rejecting unknown keys and wrong types."""
     where = key or "(top level)"
     if not isinstance(data, dict):
-        raise RegistryError(file, where, f"expected a mapping, got {type(data).__name__} {data!r}")
+        raise RegistryError(file, where, f"expected a mapping, got {type(data).__name__} {excerpt(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     for name in data:
@@ -564,6 +650,15 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
                      "distill_weight"):
             if getattr(tr, name) < 0:
                 raise RegistryError(file, f"branch.training.{name}", f"must be 0 or more, got {getattr(tr, name)}")
+        _check_upper_bounds(br, file)
+    if entry.data is not None and entry.data.num_samples is not None \
+            and not 1 <= entry.data.num_samples <= limits.MAX_NUM_SAMPLES:
+        raise RegistryError(file, "data.num_samples", f"must be from 1 to {limits.MAX_NUM_SAMPLES:,} (or null: all), "
+                            f"got {entry.data.num_samples}")
+    if entry.synthetic is not None:
+        grammar = resolve_source(entry.synthetic.grammar, file.parent)
+        if isinstance(grammar, Path) and grammar.exists() and not grammar.is_file():
+            raise RegistryError(file, "synthetic.grammar", f"{grammar} is not a regular file (a grammar is a YAML file)")
     if entry.data is not None and entry.data.dataset != "synthetic":
         _check_source(entry.data.dataset, file, "data.dataset", must_exist=True)
         if entry.data.objects != "all":
@@ -580,6 +675,21 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
     _check_source(entry.benchmark.clip_model, file, "benchmark.clip_model", must_exist=False)
     if entry.benchmark.synthetic_prompts < 1:
         raise RegistryError(file, "benchmark.synthetic_prompts", f"must be at least 1, got {entry.benchmark.synthetic_prompts}")
+
+
+def _check_upper_bounds(br: BranchSpec, file: Path) -> None:
+    """The branch's scale and training hyperparameters within polybridge's documented limits (README "Limits")."""
+    bounds = {"scale": (0.0, limits.MAX_BRANCH_SCALE),
+              "training.learning_rate": (0.0, limits.MAX_LEARNING_RATE),
+              "training.batch_size": (1, limits.MAX_BATCH_SIZE),
+              "training.max_steps": (1, limits.MAX_TRAIN_STEPS),
+              "training.warmup_steps": (0, limits.MAX_TRAIN_STEPS),
+              "training.checkpoint_every": (1, limits.MAX_TRAIN_STEPS),
+              "training.gradient_accumulation_steps": (1, limits.MAX_BATCH_SIZE)}
+    for key, (low, high) in bounds.items():
+        value = getattr(br.training, key.split(".", 1)[1]) if "." in key else getattr(br, key)
+        if not low <= value <= high:
+            raise RegistryError(file, f"branch.{key}", f"must be from {low:g} to {high:g}, got {value!r}")
 
 
 #: The largest word list a registry entry may name (bytes); the shipped ones are under 30 kB.
@@ -688,9 +798,11 @@ def load_registry(path: str | Path | None = None) -> Registry:
     owners: dict[str, str] = {}
     for code, entry in languages.items():
         for concept in entry.synthetic.concepts if entry.synthetic else ():
-            if concept in owners:
+            if concept in owners:  # either file may be the one just edited: name both
                 raise RegistryError(entry.file, "synthetic.concepts",
-                                    f"concept {concept!r} is already owned by {owners[concept]!r}")
+                                    f"concept {concept!r} is already owned by {owners[concept]!r} "
+                                    f"({languages[owners[concept]].file}); a concept belongs to one language, so "
+                                    "remove it from one of the two files")
             owners[concept] = code
     for name, bb in backbones.items():
         if bb.language not in languages:
