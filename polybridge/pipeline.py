@@ -428,6 +428,16 @@ class PolyBridgePipeline(DiffusionPipeline):
         width = width or default_w * self.vae_scale_factor
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise PolyBridgeValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+        from polybridge import limits
+
+        limits.check_int(num_inference_steps, "num_inference_steps", 1, limits.MAX_INFERENCE_STEPS)
+        limits.check_float(guidance_scale, "guidance_scale", 0.0, limits.MAX_GUIDANCE)
+        if branch_scale is not None:
+            limits.check_float(branch_scale, "branch_scale", 0.0, limits.MAX_BRANCH_SCALE)
+        limits.check_int(height, "height", 1, limits.MAX_IMAGE_SIZE)
+        limits.check_int(width, "width", 1, limits.MAX_IMAGE_SIZE)
+        limits.check_int(len(prompts) * num_images_per_prompt, "images (prompts x num_images_per_prompt)", 1,
+                         limits.MAX_IMAGES)
         return prompts, height, width
 
     def _denoise(self, latents: torch.Tensor, base: Conditioning, items: list[_BranchRows], guidance_scale: float,
@@ -451,6 +461,10 @@ class PolyBridgePipeline(DiffusionPipeline):
                     noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                 progress.update()
+        if not torch.isfinite(latents).all():
+            raise PolyBridgeValueError("generation produced non-finite latents (NaN or inf): a branch's weights or "
+                                       "scale, or guidance_scale, is out of range; check `polybridge registry validate` "
+                                       "and the branch weights")
         return latents
 
     @torch.no_grad()

@@ -172,9 +172,15 @@ _SEPARATOR_RE = re.compile(r"[,;|\n\r\t，、；。！？!?]|\.(?=\s|$)")
 _ASCII_CHUNK_RE = re.compile(r"[A-Za-z](?:(?:[^,;|\n\r\t!?.]|\.(?!\s))*[A-Za-z])?")
 _EDGE = " \t\n\r\f\v,;|，、；。！？!?.\u3000"
 _WORD_RE = re.compile(r"[^\W\d_]+")
-# C0 and C1 control characters (and DEL) read as spaces; one character for one, so offsets hold.
-_CONTROLS = {c: " " for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]}
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 control characters (and DEL), and invisible format characters that belong to no word (a BOM or
+# zero-width no-break space U+FEFF, which lies in the Arabic presentation forms block; zero-width space;
+# direction marks, embeddings and isolates; word joiner and invisible operators; line and paragraph separators)
+# read as spaces; one character for one, so offsets hold. ZWJ and ZWNJ (U+200C, U+200D) stay: they are part of
+# words in Indic and Arabic-script text.
+_INVISIBLE = [0xFEFF, 0x200B, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2060, 0x2065),
+              *range(0x2066, 0x206A), 0x2028, 0x2029, *range(0xFFF9, 0xFFFC)]
+_CONTROLS = {c: " " for c in [*range(0x00, 0x20), *range(0x7F, 0xA0), *_INVISIBLE]}
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f" + "".join(chr(c) for c in _INVISIBLE) + "]")
 
 
 def _mask_number_tags(text: str) -> str:
@@ -475,7 +481,11 @@ class Router:
 
     def plan_many(self, prompts: Sequence[str]) -> list[RoutePlan]:
         """The plans of several prompts, as :meth:`plan` gives them; faster for a batch of new prompts: the
-        new words of all of them go to lingua in one call, which spreads them over its threads."""
+        new words of all of them go to lingua in one call, which spreads them over its threads. A bare string is
+        refused (it would be planned character by character); :meth:`plan` takes one prompt."""
+        if isinstance(prompts, (str, bytes)):
+            raise PolyBridgeTypeError(f"prompts must be a list of strings, got one {type(prompts).__name__} "
+                                      "(use Router.plan for one prompt, or pass [prompt])")
         for prompt in prompts:
             if not isinstance(prompt, str):
                 raise PolyBridgeTypeError(f"prompt must be a string, got {type(prompt).__name__}")

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from polybridge import __version__
 from polybridge.cli import bench, generate, registry, route, synth, tokenizer, train
-from polybridge.cli.common import EXIT_USAGE, CommandError, run_command
+from polybridge.cli.common import EXIT_USAGE, CommandError, check_text_arguments, run_command
 from polybridge.errors import PolyBridgeError
 
 __all__ = ["CommandError", "EXIT_USAGE", "build_parser", "main"]
@@ -50,7 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        check_text_arguments(args)
         return run_command(func, args)
+    except BrokenPipeError:
+        # The reader went away (`polybridge registry show zh | head`): stop quietly, as `cat` does. Later writes
+        # (and the interpreter's final flush) go to /dev/null so no second error is printed.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except PolyBridgeError as exc:
         if os.environ.get("POLYBRIDGE_DEBUG"):
             raise

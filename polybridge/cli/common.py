@@ -91,19 +91,78 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_upto(high: int, low: int = 1) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` (1) to ``high`` (one of :mod:`polybridge.limits`)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,} (polybridge's limit), got {value:,}")
+        return value
+
+    parse.__name__ = f"whole number from {low:,} to {high:,}"  # argparse names the type in its message
+    return parse
+
+
+def float_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number from ``low`` to ``high`` (NaN, inf and 1e308 are refused)."""
+
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a finite number from {low:g} to {high:g}, got {text}")
+        return value
+
+    parse.__name__ = f"number from {low:g} to {high:g}"
+    return parse
+
+
 def words(values: Sequence[str] | None) -> list[str]:
     """``--langs zh ja`` and ``--langs zh,ja`` alike."""
     return [w for v in values or () for w in v.replace(",", " ").split()]
 
 
+#: The largest ``--file`` of prompts, in bytes.
+PROMPT_FILE_MAX_BYTES = 64 << 20
+
+
 def read_prompt_file(path: str) -> list[str]:
+    """The prompts of a ``--file``: one a line, split on ``\\n`` only (a U+2028, form feed or lone ``\\r`` inside a
+    line stays in its prompt, so image k is line k+1), a BOM at the start dropped, each line stripped. A file that
+    is not a regular file, over PROMPT_FILE_MAX_BYTES or over MAX_PROMPT_LINES lines, not UTF-8, empty, or with an
+    empty line is refused."""
+    import stat
+
+    from polybridge.limits import MAX_PROMPT_LINES
+
     file = Path(path)
-    if not file.is_file():
-        raise CommandError(f"--file {file}: no such file")
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        info = file.stat()
+    except OSError:
+        raise CommandError(f"--file {file}: no such file") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CommandError(f"--file {file}: not a regular file; give a UTF-8 text file with one prompt per line")
+    if info.st_size > PROMPT_FILE_MAX_BYTES:
+        raise CommandError(f"--file {file}: has {info.st_size:,} bytes; at most {PROMPT_FILE_MAX_BYTES:,}")
+    try:
+        text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CommandError(f"--file {file}: not UTF-8 text ({exc})") from None
+        raise CommandError(f"--file {file}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    lines = text.removeprefix("\ufeff").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) > MAX_PROMPT_LINES:
+        raise CommandError(f"--file {file}: has {len(lines):,} lines; at most {MAX_PROMPT_LINES:,} prompts a file")
     prompts = [line.strip() for line in lines]
     if not any(prompts):
         raise CommandError(f"--file {file}: holds no prompts (one prompt per line)")
@@ -112,3 +171,35 @@ def read_prompt_file(path: str) -> list[str]:
         raise CommandError(f"--file {file}: line {empty[0]} is empty; write one prompt per line "
                            "(an empty prompt would silently give an unconditional image)")
     return prompts
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print to a terminal: control characters (escape sequences that could clear the screen or
+    set the title), invisible format characters and line separators are shown as ``\\x1b``, ``\\u200b``, ...;
+    everything else (any script, emoji) as it is."""
+    import unicodedata
+
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif unicodedata.category(ch) == "Cf" and ch in "\u200c\u200d":
+            out.append(ch)  # ZWJ / ZWNJ join letters and emoji; harmless
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+def check_text_arguments(args: argparse.Namespace) -> None:
+    """Refuse a text argument (a prompt, --negative, ...) that is not valid UTF-8 (the shell passed bytes that
+    Python could only keep as lone surrogates), naming the argument and the byte; paths may be any bytes."""
+    for name, value in vars(args).items():
+        if not isinstance(value, str) or name in PATH_ARGUMENTS:
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            flag = name.upper() if name == "prompt" else "--" + name.replace("_", "-")
+            bad = value[exc.start].encode("utf-8", "surrogateescape")
+            raise CommandError(f"{flag}: not valid UTF-8 (byte 0x{bad.hex()} at character {exc.start}); "
+                               "give the text in UTF-8") from None

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from polybridge.cli.common import CommandError, positive_int, print_json, read_prompt_file, registry_of
+from polybridge import limits
+from polybridge.cli.common import (CommandError, float_in, int_upto, positive_int, print_json, read_prompt_file,
+                                   registry_of)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -20,9 +22,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_prompt_file(args.file) if args.file else [args.prompt] * args.n
     needed, plans = _languages_needed(args, reg, prompts)
     target = Path(args.out if args.file else args.output)
-    from polybridge.atomic import check_writable_parent
+    from polybridge.atomic import check_file_target, check_writable_parent
 
-    check_writable_parent(target)
+    if args.file:
+        check_writable_parent(target)
+    else:
+        check_file_target(target, args.overwrite, "-o")
     untrained_codes = _announce_untrained(reg, needed)
     untrained = bool(untrained_codes)
     from polybridge.pipeline import PolyBridgePipeline
@@ -163,20 +168,20 @@ def add_commands(sub: Any) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (omit with --file)")
     p.add_argument("--lang", default=None, help="the prompt's language code (see `polybridge registry list`); "
                                                 "default: the router decides per prompt (see `polybridge route`)")
-    p.add_argument("-n", type=positive_int, default=4, help="images for a single prompt (default 4)")
+    p.add_argument("-n", type=int_upto(limits.MAX_IMAGES), default=4, help="images for a single prompt (default 4)")
     p.add_argument("-o", "--output", default=None, help="image grid to write (PNG)")
     p.add_argument("--file", default=None, help="a UTF-8 file with one prompt per line")
     p.add_argument("--out", default=None, help="folder for --file's images (must not exist or be empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder, or an existing -o file")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0); batch k uses seed + its first index")
-    p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--steps", type=int_upto(limits.MAX_INFERENCE_STEPS), default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float_in(0, limits.MAX_GUIDANCE), default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--negative", default=None, help="negative prompt (same language as the prompt)")
     p.add_argument("--english-prompt", default="", help="English text for the backbone beside a native prompt (default \"\")")
-    p.add_argument("--branch-scale", type=float, default=None, help="scale of the branch (default: the entry's)")
-    p.add_argument("--size", type=positive_int, default=None, help="image side in pixels (default: the backbone's)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per batch (default 16)")
-    p.add_argument("--upscale", type=positive_int, default=4, help="enlarge the grid by this factor, nearest-neighbour (default 4)")
+    p.add_argument("--branch-scale", type=float_in(0, limits.MAX_BRANCH_SCALE), default=None, help="scale of the branch (default: the entry's)")
+    p.add_argument("--size", type=int_upto(limits.MAX_IMAGE_SIZE), default=None, help="image side in pixels (default: the backbone's)")
+    p.add_argument("--batch-size", type=int_upto(limits.MAX_BATCH_SIZE), default=16, help="prompts per batch (default 16)")
+    p.add_argument("--upscale", type=int_upto(limits.MAX_UPSCALE), default=4, help="enlarge the grid by this factor, nearest-neighbour (default 4)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print what was run as JSON")
     p.set_defaults(func=cmd_generate)

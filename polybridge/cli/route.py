@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from polybridge.cli.common import CommandError, print_json, read_prompt_file, registry_of, table
+from polybridge.cli.common import CommandError, print_json, printable, read_prompt_file, registry_of, table
 
 
 def _target_words(span: Any) -> str:
@@ -32,11 +32,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     for i, plan in enumerate(plans):
         if i:
             print()
-        print(plan.prompt if plan.prompt.strip() else repr(plan.prompt))
+        print(printable(plan.prompt) if plan.prompt.strip() else repr(plan.prompt))
         if not plan.spans:
             print('  no spans (empty prompt): the backbone reads ""')
             continue
-        rows = [[s.text, s.language + (f" (detected {s.detected})" if s.detected else ""), f"{s.confidence:.2f}",
+        rows = [[printable(s.text), s.language + (f" (detected {s.detected})" if s.detected else ""), f"{s.confidence:.2f}",
                  s.how, _target_words(s)] for s in plan.spans]
         print("\n".join("  " + line for line in table(rows, ["span", "language", "confidence", "how",
                                                              "goes to"]).splitlines()))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from polybridge.cli.common import positive_int, print_json, registry_of, table
+from polybridge import limits
+from polybridge.cli.common import int_upto, positive_int, print_json, registry_of, table
 
 
 def cmd_synth_render(args: argparse.Namespace) -> int:
@@ -52,11 +53,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--lang", required=True, help="caption language code (see `polybridge registry list`)")
     p.add_argument("--mix", nargs="+", metavar="LANG", default=None,
                    help="caption two-object scenes with object 2 in LANG (mixed-language prompts)")
-    p.add_argument("-n", type=positive_int, required=True, help="number of scenes (at least 1)")
+    p.add_argument("-n", type=int_upto(limits.MAX_NUM_SAMPLES), required=True, help="number of scenes (at least 1)")
     p.add_argument("--seed", type=int, default=0, help="scene seed (default 0); same seed, same scenes")
     p.add_argument("--split", choices=["train", "validation", "test"], default="test",
                    help="which split's stream to sample (default test; train never holds the held-out combinations)")
-    p.add_argument("--size", type=positive_int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--size", type=int_upto(limits.MAX_RENDER_SIZE), default=32, help="image side in pixels (default 32)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--json", action="store_true", help="print what was run as JSON")
