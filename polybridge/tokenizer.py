@@ -228,7 +228,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
         "sentencepiece_version": _version("sentencepiece"),
         **(info or {}),
     }
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    with atomic_dir(out_dir, overwrite=True, mark=True) as tmp:
         hf.save_pretrained(str(tmp))
         (tmp / SPM_FILE).write_bytes(model)
         (tmp / INFO_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from polybridge.atomic import check_replaceable
 from polybridge.cli.common import CommandError, positive_int, registry_of
 
 
@@ -22,6 +23,7 @@ def cmd_tokenizer_build(args: argparse.Namespace) -> int:
         if isinstance(out, str):
             raise CommandError(f"{entry.file}: encoder.tokenizer: {out!r} is a hub id; "
                                "set a local path (./tokenizer) to build one here")
+        check_replaceable(out, entry.folder, f"{entry.file}: encoder.tokenizer")
         path = build_language_tokenizer(code, entry.grammar_path, entry.synthetic.concepts, out,
                                         n_captions=args.n_captions, seed=args.seed)
         print(f"{code}: tokenizer written to {path}")

@@ -46,7 +46,8 @@ from typing import Any
 
 import torch
 
-from polybridge.atomic import atomic_dir, atomic_write_bytes, atomic_write_text, check_writable_parent
+from polybridge.atomic import (atomic_dir, atomic_write_bytes, atomic_write_text, check_replaceable,
+                              check_writable_parent, mark_ours, no_follow)
 from polybridge.backbones import get_family
 from polybridge.conditioning import Conditioning, compose
 from polybridge.errors import PolyBridgeError
@@ -383,7 +384,9 @@ def _plan_run(registry: Registry, code: str, options: TrainOptions) -> _Plan:
     if isinstance(out, str):
         raise RegistryError(entry.file, "branch.weights", f"{out!r} is a hub id; training writes a local folder: "
                             "set a local path (./branch) or pass --out DIR")
-    out = check_writable_parent(Path(out).resolve())
+    if options.out_dir is None:  # the entry names it: never replace a folder outside the language's own
+        check_replaceable(out, entry.folder, f"{entry.file}: branch.weights")
+    out = check_writable_parent(no_follow(out))  # a symlink is replaced as a link, never followed
     if out.exists() and any(out.iterdir()) and not (options.overwrite or options.resume):
         raise TrainingError(f"{out} already holds a branch; pass --overwrite to replace it when training ends, "
                             "or --out DIR")
@@ -628,6 +631,7 @@ def _finish(run: _Run, plan: _Plan, options: TrainOptions, seen: dict[int, list[
     }
     if accelerator.is_main_process:
         final.save_pretrained(plan.out, overwrite=True, torch_dtype=SAVE_DTYPES[options.save_dtype])
+        mark_ours(plan.out)
         atomic_write_text(plan.work / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
         run.say(f"{plan.code}: wrote the {plan.branch_type} branch to {plan.out} (step {run.end}, loss "
                 f"{info['final_loss']}, {info['samples_per_s']} samples/s)")
