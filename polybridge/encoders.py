@@ -27,6 +27,7 @@ import torch
 
 from polybridge.errors import PolyBridgeFileNotFoundError, PolyBridgeOSError, PolyBridgeValueError
 from polybridge.registry import RegistryError
+from polybridge.weights import check_finite, short
 
 if TYPE_CHECKING:
     from polybridge.registry import LanguageEntry
@@ -156,6 +157,9 @@ def _check_local(path: Path | str, entry: LanguageEntry, what: str, hint: str) -
     if isinstance(path, Path) and not path.exists():
         raise PolyBridgeFileNotFoundError(f"language {entry.code!r} ({entry.name}): {what} folder {path} does not exist "
                                 f"({entry.file}); {hint}")
+    if isinstance(path, Path) and path.is_dir() and not any(p for p in path.iterdir() if not p.name.startswith(".")):
+        raise PolyBridgeFileNotFoundError(f"language {entry.code!r} ({entry.name}): {what} folder {path} is empty "
+                                          f"({entry.file}); {hint}")
 
 
 def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
@@ -167,6 +171,7 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
     an error, never a randomly initialised model.
     """
     import transformers
+    from safetensors import SafetensorError
 
     if entry.encoder is None:
         raise RegistryError(entry.file, "encoder", f"{entry.code!r} is the backbone's language and has no native encoder")
@@ -202,9 +207,11 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
     try:
         model, info = model_cls.from_pretrained(str(source), use_safetensors=True, output_loading_info=True,
                                                 **model_kwargs)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # a zero-byte or truncated safetensors file is a SafetensorError
         raise PolyBridgeOSError(f"language {entry.code!r}: cannot load encoder {spec.model_class} from {source} "
-                      f"({entry.file}, key encoder.source): {exc}") from exc
+                      f"({entry.file}, key encoder.source): {short(exc)}") from exc
+    check_finite(model.named_parameters(), f"language {entry.code!r}: encoder weights in {source} "
+                 f"({entry.file}, key encoder.source)")
     missing = sorted(str(k) for k in info.get("missing_keys", ()) if k)
     mismatched = list(info.get("mismatched_keys", ()))
     if missing or mismatched:

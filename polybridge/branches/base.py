@@ -34,6 +34,7 @@ from polybridge.atomic import atomic_dir
 from polybridge.backbones import architecture_config, architecture_diff, architecture_fingerprint, family_of_unet
 from polybridge.conditioning import Conditioning
 from polybridge.errors import PolyBridgeError, PolyBridgeFileNotFoundError
+from polybridge.weights import check_finite
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -224,6 +225,7 @@ class Branch(ModelMixin, ConfigMixin):
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise BranchError(f"{weights}: not a readable safetensors file ({exc}); re-save or re-train the branch") from None
+        check_finite(state, f"{weights}: branch weights")
 
         init_keys = set(inspect.signature(target_cls.__init__).parameters) - {"self"}
         init_kwargs = {k: v for k, v in config.items() if k in init_keys}
@@ -237,8 +239,12 @@ class Branch(ModelMixin, ConfigMixin):
             branch = target_cls(**init_kwargs)
             assign = False
         else:
-            with init_empty_weights():  # no time spent on random init that the weights overwrite
-                branch = target_cls(**init_kwargs)
+            try:
+                with init_empty_weights():  # no time spent on random init that the weights overwrite
+                    branch = target_cls(**init_kwargs)
+            except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as exc:
+                raise BranchError(f"{folder / CONFIG_NAME}: a value does not fit a {saved_type} branch ({exc}); "
+                                  "re-save or re-train the branch") from None
             assign = True
         shapes = {k: tuple(v.shape) for k, v in branch.state_dict().items()}
         missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))

@@ -173,7 +173,7 @@ class SceneScorer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "SceneScorer":
-        from safetensors.torch import load_file
+        from polybridge.weights import read_safetensors
 
         directory = Path(directory)
         config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -197,8 +197,11 @@ class SceneScorer(nn.Module):
         absent = [k for k in arch if k not in config]
         if absent:
             raise ScorerError(f"{config_file}: missing keys {absent} (written by an older scorer; rebuild it)")
-        model = cls(*(config[k] for k in arch))
-        state = load_file(str(weights_file))
+        try:
+            model = cls(*(config[k] for k in arch))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ScorerError(f"{config_file}: keys {', '.join(arch)} do not describe a scorer ({e})") from None
+        state = read_safetensors(weights_file, "scorer weights")
         expected_keys = set(model.state_dict())
         if set(state) != expected_keys:
             missing, extra = sorted(expected_keys - set(state)), sorted(set(state) - expected_keys)
