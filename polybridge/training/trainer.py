@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from typing import Any
 
 import torch
 
+from polybridge import limits
 from polybridge.atomic import (atomic_dir, atomic_write_bytes, atomic_write_text, check_replaceable,
                               check_writable_parent, mark_ours, no_follow)
 from polybridge.backbones import get_family
@@ -129,6 +131,16 @@ def resolve_spec(entry: LanguageEntry, options: TrainOptions) -> TrainingSpec:
     spec = entry.branch.training
     changes = {k: getattr(options, k) for k in SPEC_FLAGS if getattr(options, k) is not None}
     spec = dataclasses.replace(spec, **changes)
+    for name, value in dataclasses.asdict(spec).items():  # NaN passes every comparison below: refuse it first
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TrainingError(f"{name} must be a finite number, got {value} ({entry.file}: branch.training.{name}, "
+                                "or its flag)")
+    for name, high in (("learning_rate", limits.MAX_LEARNING_RATE), ("batch_size", limits.MAX_BATCH_SIZE),
+                       ("max_steps", limits.MAX_TRAIN_STEPS), ("gradient_accumulation_steps", limits.MAX_BATCH_SIZE)):
+        if getattr(spec, name) > high:
+            raise TrainingError(f"{name} must be at most {high:,} (polybridge's limit), got {getattr(spec, name):,}")
+    if options.num_samples is not None and not 1 <= options.num_samples <= limits.MAX_NUM_SAMPLES:
+        raise TrainingError(f"num_samples must be from 1 to {limits.MAX_NUM_SAMPLES:,}, got {options.num_samples:,}")
     for name in ("learning_rate", "batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every"):
         if getattr(spec, name) <= 0:
             raise TrainingError(f"{name} must be positive, got {getattr(spec, name)}")
@@ -574,8 +586,10 @@ def _train_steps(run: _Run, plan: _Plan, options: TrainOptions,
             if options.report_to != "none":
                 accelerator.log({"loss": step_loss, "lr": lr, "samples_per_s": rate, **parts_sum}, step=step + 1)
             if (step + 1) % spec.checkpoint_every == 0 or step + 1 == run.end:
-                _save_training_state(accelerator, ckpt, _modules(run), step + 1, run.optimizer, run.lr_scheduler,
-                                     {"settings": run.settings, "losses": run.losses})
+                _check_finite_weights(run, plan, step + 1, last_good)
+                with _disk_full_says_what_is_kept(plan, ckpt, step + 1, last_good):
+                    _save_training_state(accelerator, ckpt, _modules(run), step + 1, run.optimizer,
+                                         run.lr_scheduler, {"settings": run.settings, "losses": run.losses})
                 last_good = step + 1
             if callback is not None:
                 callback(step + 1, step_loss, SimpleNamespace(branch=run.unwrapped, ema=run.ema, frozen=run.frozen))
@@ -609,6 +623,35 @@ def _accumulation_step(run: _Run, plan: _Plan, step: int, indices: list[int], po
     return loss, parts
 
 
+def _check_finite_weights(run: _Run, plan: _Plan, step: int, last_good: int | None) -> None:
+    """Refuse to write a checkpoint or the branch whose weights (or EMA) hold NaN or inf: the last good checkpoint
+    and the written branch stay as they are."""
+    for name, module in (("branch", run.unwrapped), ("ema", run.ema)):
+        if module is None:
+            continue
+        for key, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                where = f"the last good checkpoint is {plan.ckpt} (step {last_good})" if last_good else \
+                    "no checkpoint was written"
+                raise TrainingError(f"{plan.code}: the {name} weights ({key}) are NaN or inf at step {step}; "
+                                    f"nothing was written, {where}, and {plan.out} is untouched; lower the learning "
+                                    "rate (branch.training.learning_rate, --lr)")
+
+
+@contextmanager
+def _disk_full_says_what_is_kept(plan: _Plan, path: Path, step: int, last_good: int | None) -> Iterator[None]:
+    """A full disk (or quota) while writing ``path`` becomes one line that names it and says what is intact."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = f"the last checkpoint {plan.ckpt} (step {last_good}) is intact" if last_good else \
+            "no checkpoint was written yet"
+        raise TrainingError(f"{plan.code}: no space left on the device while writing {path} at step {step}; "
+                            f"nothing half-written was left, {kept}; free space and run again with --resume") from None
+
+
 def _finish(run: _Run, plan: _Plan, options: TrainOptions, seen: dict[int, list[int]], seconds: float) -> dict:
     """Write the branch (its EMA where kept) and ``train_info.json`` from the main process; return the info."""
     accelerator, spec = run.accelerator, plan.spec
@@ -630,8 +673,10 @@ def _finish(run: _Run, plan: _Plan, options: TrainOptions, seen: dict[int, list[
         "losses": run.losses, "command": " ".join(sys.argv),
     }
     if accelerator.is_main_process:
-        final.save_pretrained(plan.out, overwrite=True, torch_dtype=SAVE_DTYPES[options.save_dtype])
-        mark_ours(plan.out)
+        _check_finite_weights(run, plan, run.end, checkpoint_step(plan.ckpt))
+        with _disk_full_says_what_is_kept(plan, plan.out, run.end, checkpoint_step(plan.ckpt)):
+            final.save_pretrained(plan.out, overwrite=True, torch_dtype=SAVE_DTYPES[options.save_dtype])
+            mark_ours(plan.out)
         atomic_write_text(plan.work / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
         run.say(f"{plan.code}: wrote the {plan.branch_type} branch to {plan.out} (step {run.end}, loss "
                 f"{info['final_loss']}, {info['samples_per_s']} samples/s)")
