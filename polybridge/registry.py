@@ -625,6 +625,10 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
             raise RegistryError(file, "encoder.model_class",
                                 f"unknown encoder class {enc.model_class!r}{_suggest(enc.model_class, ENCODER_CLASSES)}",
                                 valid=ENCODER_CLASSES)
+        if enc.tokenizer_class != "auto" and not re.fullmatch(r"[A-Z][A-Za-z0-9]*Tokenizer(Fast)?", enc.tokenizer_class):
+            raise RegistryError(file, "encoder.tokenizer_class", f"{excerpt(enc.tokenizer_class)} is not a tokenizer "
+                                "class", valid=["auto", "a transformers tokenizer class (e.g. BertTokenizerFast, "
+                                                "XLMRobertaTokenizer)"])
         if enc.max_length < 1:
             raise RegistryError(file, "encoder.max_length", f"must be at least 1, got {enc.max_length}")
         _check_source(enc.source, file, "encoder.source", must_exist=False)
@@ -811,6 +815,7 @@ def load_registry(path: str | Path | None = None) -> Registry:
         if not languages[bb.language].is_backbone_language:
             raise RegistryError(languages[bb.language].file, "encoder",
                                 f"{bb.language!r} is the language of backbone {name!r}, so its entry has no encoder or branch")
+    _check_synthetic_data(languages)
     if spec.fallback_language not in languages:
         raise RegistryError(file, "fallback_language", f"{spec.fallback_language!r} is not a registered language",
                             valid=languages)
@@ -827,6 +832,31 @@ def load_registry(path: str | Path | None = None) -> Registry:
     )
 
 
+#: The splits of the synthetic world (polybridge.synthetic.scenes.SPLITS).
+SYNTHETIC_SPLITS = ("train", "validation", "test")
+
+
+def _check_synthetic_data(languages: Mapping[str, LanguageEntry]) -> None:
+    """What ``train`` needs of a ``dataset: synthetic`` entry, checked when the registry loads (so ``registry
+    validate`` finds it): the caption columns name registered languages with grammars, the split exists."""
+    for code, entry in languages.items():
+        data = entry.data
+        if data is None or data.dataset != "synthetic":
+            continue
+        expected = f"caption_{code}"
+        if data.caption_column != expected:
+            raise RegistryError(entry.file, "data.caption_column", f"synthetic data is captioned in the entry's own "
+                                f"language, so the column is {expected!r}, not {excerpt(data.caption_column)}",
+                                valid=[expected])
+        others = [f"caption_{c}" for c, e in languages.items() if e.synthetic is not None and c != code]
+        if data.english_column is not None and data.english_column not in others:
+            raise RegistryError(entry.file, "data.english_column", f"{excerpt(data.english_column)} is not the caption "
+                                "column of another registered language with a grammar", valid=others)
+        if data.split not in SYNTHETIC_SPLITS:
+            raise RegistryError(entry.file, "data.split", f"{excerpt(data.split)} is not a split of the synthetic world",
+                                valid=SYNTHETIC_SPLITS)
+
+
 def find_registry(path: str | Path | None = None) -> Path:
     """Where ``registry.yaml`` is: the argument, then ``$POLYBRIDGE_REGISTRY``, then the current
     directory and its parents, then the checkout this package was installed from (editable install)."""
@@ -836,7 +866,7 @@ def find_registry(path: str | Path | None = None) -> Path:
         p = Path(path).expanduser()
         p = p / REGISTRY_FILE if p.is_dir() else p
         if not p.is_file():
-            raise RegistryError(p, None, "registry file not found")
+            raise RegistryError(p, None, "not a regular file" if p.exists() else "registry file not found")
         return p.resolve()
     candidates = [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent.parent]
     for folder in candidates:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from polybridge.cli.common import print_json, registry_of, table
@@ -59,8 +60,13 @@ def cmd_registry_validate(args: argparse.Namespace) -> int:
     grammars = load_grammars(reg)
     report = {code: {"entry": "ok", "grammar": "ok" if code in grammars else "none", **entry.status()}
               for code, entry in reg.languages.items()}
+    warnings = [f"{entry.file}: encoder.trust_remote_code is true: loading {entry.encoder.source} runs Python code "
+                "from that repository on this machine; keep it only for a repository you trust"
+                for entry in reg.languages.values() if entry.encoder is not None and entry.encoder.trust_remote_code]
+    for line in warnings:
+        print(f"polybridge: WARNING: {line}", file=sys.stderr)
     if args.json:
-        print_json({"registry": str(reg.file), "valid": True, "languages": report})
+        print_json({"registry": str(reg.file), "valid": True, "warnings": warnings, "languages": report})
     else:
         print(f"{reg.file}: valid ({len(reg.languages)} languages, {len(reg.backbones)} backbones)")
         rows = [[c, r["entry"], r["grammar"], r["tokenizer"], r["encoder"], r["branch"]] for c, r in report.items()]
