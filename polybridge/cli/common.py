@@ -127,6 +127,18 @@ def float_in(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def check_grid(n: int, size: int | None, upscale: int) -> None:
+    """Refuse a ``generate -o`` grid over :data:`~polybridge.limits.MAX_GRID_PIXELS` before anything is drawn
+    (``size`` None: the backbone's, taken as 512 here)."""
+    from polybridge.limits import MAX_GRID_PIXELS
+
+    cols, side = min(n, 4), (size or 512) * upscale
+    width, height = cols * side, -(-n // cols) * side
+    if width * height > MAX_GRID_PIXELS:
+        raise CommandError(f"-n {n} images of {size or 512} px at --upscale {upscale} make a {width:,} x {height:,} "
+                           f"grid; at most {MAX_GRID_PIXELS:,} pixels: lower -n or --upscale, or use --file DIR")
+
+
 def words(values: Sequence[str] | None) -> list[str]:
     """``--langs zh ja`` and ``--langs zh,ja`` alike."""
     return [w for v in values or () for w in v.replace(",", " ").split()]
@@ -203,3 +215,68 @@ def check_text_arguments(args: argparse.Namespace) -> None:
             bad = value[exc.start].encode("utf-8", "surrogateescape")
             raise CommandError(f"{flag}: not valid UTF-8 (byte 0x{bad.hex()} at character {exc.start}); "
                                "give the text in UTF-8") from None
+
+
+class ResumableImages:
+    """``--file``'s images, each written as soon as its batch is drawn into ``.OUT.partial`` beside ``--out``,
+    which becomes ``--out`` once every image is there. Interrupted (Ctrl-C, kill -9, an error), the images drawn
+    so far stay there, and the same command (same prompts and settings: ``key``) resumes after them; another
+    command discards them, saying so."""
+
+    KEY_FILE = "polybridge-generate.json"
+
+    def __init__(self, target: Path, n: int, key: dict[str, Any], overwrite: bool):
+        import hashlib
+        import shutil
+        import sys
+
+        from polybridge.atomic import check_dir_target
+
+        self.target, self.n = check_dir_target(target, overwrite), n
+        self.partial = self.target.parent / f".{self.target.name}.partial"
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        key_file = self.partial / self.KEY_FILE
+        if self.partial.is_dir() and key_file.is_file() and key_file.read_text().strip() == self.key:
+            for leftover in self.partial.glob(".*"):
+                leftover.unlink()
+            drawn = sum(1 for i in range(n) if self.path(i).is_file())
+            print(f"polybridge: resuming: {drawn:,} of {n:,} images are already in {self.partial}", file=sys.stderr)
+        else:
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+                print(f"polybridge: removed {self.partial}, an interrupted run of other prompts or settings",
+                      file=sys.stderr)
+            self.partial.mkdir(parents=True)
+            key_file.write_text(self.key + "\n")
+
+    def path(self, i: int) -> Path:
+        return self.partial / f"{i:06d}.png"
+
+    def done(self, start: int, count: int) -> bool:
+        """Whether images ``start .. start+count-1`` were drawn by an earlier run."""
+        return all(self.path(i).is_file() for i in range(start, start + count))
+
+    def put(self, start: int, images: Sequence[Any]) -> None:
+        for i, image in enumerate(images, start):
+            tmp = self.partial / f".{i:06d}.png.tmp-p{os.getpid()}"
+            image.save(tmp, format="PNG")
+            os.replace(tmp, self.path(i))
+
+    def __enter__(self) -> ResumableImages:
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        import sys
+
+        if kind is not None:
+            drawn = sum(1 for i in range(self.n) if self.path(i).is_file())
+            print(f"polybridge: {drawn:,} of {self.n:,} images are in {self.partial}; run the same command again to "
+                  "draw the rest", file=sys.stderr)
+
+    def publish(self) -> list[str]:
+        """Make the complete folder ``--out``; the paths of its images, in line order."""
+        from polybridge.atomic import publish_dir
+
+        (self.partial / self.KEY_FILE).unlink()
+        publish_dir(self.partial, self.target)
+        return [str(self.target / f"{i:06d}.png") for i in range(self.n)]

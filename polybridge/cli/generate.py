@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from polybridge import limits
-from polybridge.cli.common import (CommandError, float_in, int_upto, positive_int, print_json, read_prompt_file,
-                                   registry_of)
+from polybridge.cli.common import (CommandError, ResumableImages, check_grid, float_in, int_upto, positive_int,
+                                   print_json, read_prompt_file, registry_of)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
+    import PIL.Image
     import torch
 
     _check_arguments(args)
@@ -35,19 +36,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
-    images = _draw(args, PolyBridgePipeline, reg, needed, prompts)
-    written = _write_images(args, target, images)
-    record = {"prompts": prompts if args.file else [args.prompt], "n": len(images), "language": args.lang or "auto",
+    if args.file:
+        with ResumableImages(target, len(prompts), _resume_key(args, prompts), args.overwrite) as sink:
+            _draw(args, PolyBridgePipeline, reg, needed, prompts, sink)
+        written = sink.publish()
+        with PIL.Image.open(written[0]) as first:
+            size = first.size[0]
+    else:
+        images = _draw(args, PolyBridgePipeline, reg, needed, prompts)
+        written, size = _write_images(args, target, images), images[0].size[0]
+    record = {"prompts": prompts if args.file else [args.prompt], "n": len(written) if args.file else len(images),
+              "language": args.lang or "auto",
               "trained_branch": not untrained,
               "fallback": (untrained_codes.get(args.lang) if args.lang else untrained_codes) if untrained else None,
               "routes": None if plans is None else [p.to_dict() for p in plans],
               "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance, "negative_prompt": args.negative,
-              "english_prompt": args.english_prompt, "size": images[0].size[0], "backbone": reg.default_backbone,
+              "english_prompt": args.english_prompt, "size": size, "backbone": reg.default_backbone,
               "written": written, "seconds": round(time.time() - started, 2)}
     if args.json:
         print_json(record)
     else:
-        print(f"wrote {written[0] if len(written) == 1 else target} ({len(images)} images, {record['seconds']}s)")
+        print(f"wrote {written[0] if len(written) == 1 else target} ({record['n']} images, {record['seconds']}s)")
     return 0
 
 
@@ -61,8 +70,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise CommandError("give -o OUT.png for the image grid")
     if args.prompt is not None and not args.prompt.strip():
         raise CommandError("the prompt is empty; say what to draw (use --guidance 0 for unconditional samples)")
-    if args.guidance < 0:
-        raise CommandError(f"--guidance must be 0 or more, got {args.guidance}")
+    if not 0 <= args.guidance <= limits.MAX_GUIDANCE:  # NaN fails too
+        raise CommandError(f"--guidance must be 0 or more and at most {limits.MAX_GUIDANCE:g} (a finite number), "
+                           f"got {args.guidance}")
+    if args.file is None:
+        check_grid(args.n, args.size, args.upscale)
 
 
 def _languages_needed(args: argparse.Namespace, reg: Any, prompts: list[str]) -> tuple[list[str], list | None]:
@@ -107,8 +119,10 @@ def _announce_untrained(reg: Any, needed: list[str]) -> dict[str, str]:
     return untrained_codes
 
 
-def _draw(args: argparse.Namespace, pipeline_cls: Any, reg: Any, needed: list[str], prompts: list[str]) -> list:
-    """The images, in prompt order, ``--batch-size`` prompts per pipeline call; batch k seeded by its first index."""
+def _draw(args: argparse.Namespace, pipeline_cls: Any, reg: Any, needed: list[str], prompts: list[str],
+          sink: ResumableImages | None = None) -> list:
+    """The images, in prompt order, ``--batch-size`` prompts per pipeline call; batch k seeded by its first index.
+    With ``sink`` (``--file``), each batch goes there as it is drawn and batches an earlier run drew are skipped."""
     import warnings
 
     import torch
@@ -128,20 +142,28 @@ def _draw(args: argparse.Namespace, pipeline_cls: Any, reg: Any, needed: list[st
     batches = range(0, len(prompts), args.batch_size)
     for start in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2 or args.json):
         chunk = prompts[start:start + args.batch_size]
+        if sink is not None and sink.done(start, len(chunk)):
+            continue
         gen = torch.Generator().manual_seed(args.seed + start)
-        images.extend(pipe(chunk, generator=gen, **kwargs).images)
+        drawn = pipe(chunk, generator=gen, **kwargs).images
+        if sink is None:
+            images.extend(drawn)
+        else:
+            sink.put(start, drawn)
     return images
 
 
-def _write_images(args: argparse.Namespace, target: Path, images: list) -> list[str]:
-    """``--file``: one PNG per prompt into the ``--out`` folder; else one grid PNG at ``-o``. Atomic both ways."""
-    from polybridge.atomic import atomic_dir, atomic_write_bytes
+def _resume_key(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+    """What must match for a ``--file`` run to resume another's images: the prompts and every setting that
+    changes an image (all arguments but where the images go and how the run reports)."""
+    skip = {"out", "overwrite", "json", "threads", "func", "file"}
+    return {"prompts": prompts, **{k: v for k, v in vars(args).items() if k not in skip and not callable(v)}}
 
-    if args.file:
-        with atomic_dir(target, overwrite=args.overwrite) as tmp:
-            for i, im in enumerate(images):
-                im.save(tmp / f"{i:06d}.png")
-        return [str(target / f"{i:06d}.png") for i in range(len(images))]
+
+def _write_images(args: argparse.Namespace, target: Path, images: list) -> list[str]:
+    """One grid PNG at ``-o``, atomically (``--file``'s images go through :class:`ResumableImages`)."""
+    from polybridge.atomic import atomic_write_bytes
+
     import io
 
     from diffusers.utils import make_image_grid
@@ -174,14 +196,20 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", default=None, help="folder for --file's images (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder, or an existing -o file")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0); batch k uses seed + its first index")
-    p.add_argument("--steps", type=int_upto(limits.MAX_INFERENCE_STEPS), default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float_in(0, limits.MAX_GUIDANCE), default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--steps", type=int_upto(limits.MAX_INFERENCE_STEPS), default=25,
+                   help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--negative", default=None, help="negative prompt (same language as the prompt)")
-    p.add_argument("--english-prompt", default="", help="English text for the backbone beside a native prompt (default \"\")")
-    p.add_argument("--branch-scale", type=float_in(0, limits.MAX_BRANCH_SCALE), default=None, help="scale of the branch (default: the entry's)")
-    p.add_argument("--size", type=int_upto(limits.MAX_IMAGE_SIZE), default=None, help="image side in pixels (default: the backbone's)")
-    p.add_argument("--batch-size", type=int_upto(limits.MAX_BATCH_SIZE), default=16, help="prompts per batch (default 16)")
-    p.add_argument("--upscale", type=int_upto(limits.MAX_UPSCALE), default=4, help="enlarge the grid by this factor, nearest-neighbour (default 4)")
+    p.add_argument("--english-prompt", default="",
+                   help="English text for the backbone beside a native prompt (default \"\")")
+    p.add_argument("--branch-scale", type=float_in(0, limits.MAX_BRANCH_SCALE), default=None,
+                   help="scale of the branch (default: the entry's)")
+    p.add_argument("--size", type=int_upto(limits.MAX_IMAGE_SIZE), default=None,
+                   help="image side in pixels (default: the backbone's)")
+    p.add_argument("--batch-size", type=int_upto(limits.MAX_BATCH_SIZE), default=16,
+                   help="prompts per batch (default 16)")
+    p.add_argument("--upscale", type=int_upto(limits.MAX_UPSCALE), default=4,
+                   help="enlarge the grid by this factor, nearest-neighbour (default 4)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print what was run as JSON")
     p.set_defaults(func=cmd_generate)
