@@ -463,8 +463,8 @@ class PolyBridgePipeline(DiffusionPipeline):
                 progress.update()
         if not torch.isfinite(latents).all():
             raise PolyBridgeValueError("generation produced non-finite latents (NaN or inf): a branch's weights or "
-                                       "scale, or guidance_scale, is out of range; check `polybridge registry validate` "
-                                       "and the branch weights")
+                                       "scale, or guidance_scale, is out of range; check `polybridge registry "
+                                       "validate` and the branch weights")
         return latents
 
     @torch.no_grad()

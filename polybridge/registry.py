@@ -59,6 +59,8 @@ DataObjects = Literal["all", "own"]
 DATA_OBJECTS: tuple[str, ...] = typing.get_args(DataObjects)
 
 CODE_PATTERN = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
+#: What ``encoder.tokenizer_class`` may name besides ``auto``: a transformers tokenizer class, never a model class.
+TOKENIZER_CLASS = re.compile(r"[A-Z][A-Za-z0-9]*Tokenizer(Fast)?")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -366,8 +368,8 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
         if not isinstance(key, typing.Hashable):
             continue  # SafeLoader's own error names it
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {excerpt(key)} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {excerpt(key)} (first at line "
+                                                    f"{seen[key].start_mark.line + 1})", key_node.start_mark)
         seen[key] = key_node
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -625,7 +627,7 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
             raise RegistryError(file, "encoder.model_class",
                                 f"unknown encoder class {enc.model_class!r}{_suggest(enc.model_class, ENCODER_CLASSES)}",
                                 valid=ENCODER_CLASSES)
-        if enc.tokenizer_class != "auto" and not re.fullmatch(r"[A-Z][A-Za-z0-9]*Tokenizer(Fast)?", enc.tokenizer_class):
+        if enc.tokenizer_class != "auto" and not TOKENIZER_CLASS.fullmatch(enc.tokenizer_class):
             raise RegistryError(file, "encoder.tokenizer_class", f"{excerpt(enc.tokenizer_class)} is not a tokenizer "
                                 "class", valid=["auto", "a transformers tokenizer class (e.g. BertTokenizerFast, "
                                                 "XLMRobertaTokenizer)"])
@@ -662,7 +664,8 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
     if entry.synthetic is not None:
         grammar = resolve_source(entry.synthetic.grammar, file.parent)
         if isinstance(grammar, Path) and grammar.exists() and not grammar.is_file():
-            raise RegistryError(file, "synthetic.grammar", f"{grammar} is not a regular file (a grammar is a YAML file)")
+            raise RegistryError(file, "synthetic.grammar", f"{grammar} is not a regular file (a grammar is a YAML "
+                                "file)")
     if entry.data is not None and entry.data.dataset != "synthetic":
         _check_source(entry.data.dataset, file, "data.dataset", must_exist=True)
         if entry.data.objects != "all":
@@ -853,8 +856,8 @@ def _check_synthetic_data(languages: Mapping[str, LanguageEntry]) -> None:
             raise RegistryError(entry.file, "data.english_column", f"{excerpt(data.english_column)} is not the caption "
                                 "column of another registered language with a grammar", valid=others)
         if data.split not in SYNTHETIC_SPLITS:
-            raise RegistryError(entry.file, "data.split", f"{excerpt(data.split)} is not a split of the synthetic world",
-                                valid=SYNTHETIC_SPLITS)
+            raise RegistryError(entry.file, "data.split", f"{excerpt(data.split)} is not a split of the synthetic "
+                                "world", valid=SYNTHETIC_SPLITS)
 
 
 def find_registry(path: str | Path | None = None) -> Path:

@@ -132,11 +132,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-n", type=positive_int, default=None,
                    help="prompts per synthetic suite (default: the entry's benchmark.synthetic_prompts)")
     p.add_argument("--curated-n", type=positive_int, default=None, help="prompts per curated suite (default: all)")
-    p.add_argument("--steps", type=int_upto(limits.MAX_INFERENCE_STEPS), default=None, help="denoising steps (default 25, --quick 10)")
-    p.add_argument("--guidance", type=float_in(0, limits.MAX_GUIDANCE), default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--steps", type=int_upto(limits.MAX_INFERENCE_STEPS), default=None,
+                   help="denoising steps (default 25, --quick 10)")
+    p.add_argument("--guidance", type=float_in(0, limits.MAX_GUIDANCE), default=7.5,
+                   help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--seed", type=int, default=0, help="generation seed (default 0); scenes use each entry's seed")
-    p.add_argument("--batch-size", type=int_upto(limits.MAX_BATCH_SIZE), default=50, help="prompts per batch (default 50)")
-    p.add_argument("--size", type=int_upto(limits.MAX_IMAGE_SIZE), default=None, help="image side in pixels (default: the backbone's)")
+    p.add_argument("--batch-size", type=int_upto(limits.MAX_BATCH_SIZE), default=50,
+                   help="prompts per batch (default 50)")
+    p.add_argument("--size", type=int_upto(limits.MAX_IMAGE_SIZE), default=None,
+                   help="image side in pixels (default: the backbone's)")
     p.add_argument("--backbone", default=None, help="backbone name in registry.yaml (default: default_backbone)")
     p.add_argument("--weights", nargs="+", metavar="CODE:METHOD=DIR", default=None,
                    help="a branch not named by the entry, e.g. zh:pea=runs/zh-pea")

@@ -36,8 +36,8 @@ def cmd_route(args: argparse.Namespace) -> int:
         if not plan.spans:
             print('  no spans (empty prompt): the backbone reads ""')
             continue
-        rows = [[printable(s.text), s.language + (f" (detected {s.detected})" if s.detected else ""), f"{s.confidence:.2f}",
-                 s.how, _target_words(s)] for s in plan.spans]
+        rows = [[printable(s.text), s.language + (f" (detected {s.detected})" if s.detected else ""),
+                 f"{s.confidence:.2f}", s.how, _target_words(s)] for s in plan.spans]
         print("\n".join("  " + line for line in table(rows, ["span", "language", "confidence", "how",
                                                              "goes to"]).splitlines()))
         if plan.is_mixed or len({s.target for s in plan.spans}) > 1:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from polybridge import limits
-from polybridge.cli.common import int_upto, positive_int, print_json, registry_of, table
+from polybridge.cli.common import int_upto, print_json, registry_of, table
 
 
 def cmd_synth_render(args: argparse.Namespace) -> int:
@@ -57,7 +57,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="scene seed (default 0); same seed, same scenes")
     p.add_argument("--split", choices=["train", "validation", "test"], default="test",
                    help="which split's stream to sample (default test; train never holds the held-out combinations)")
-    p.add_argument("--size", type=int_upto(limits.MAX_RENDER_SIZE), default=32, help="image side in pixels (default 32)")
+    p.add_argument("--size", type=int_upto(limits.MAX_RENDER_SIZE), default=32,
+                   help="image side in pixels (default 32)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--json", action="store_true", help="print what was run as JSON")

@@ -81,15 +81,19 @@ def add_commands(sub: Any) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--lang", help="language code (see `polybridge registry list`)")
     group.add_argument("--all", action="store_true", help="every language whose branch weights do not exist yet")
-    p.add_argument("--steps", type=int_upto(limits.MAX_TRAIN_STEPS), default=None, help="optimizer steps (entry: branch.training.max_steps)")
+    p.add_argument("--steps", type=int_upto(limits.MAX_TRAIN_STEPS), default=None,
+                   help="optimizer steps (entry: branch.training.max_steps)")
     p.add_argument("--batch-size", type=int_upto(limits.MAX_BATCH_SIZE), default=None,
                    help="global batch per optimizer step, all processes together (entry: batch_size)")
-    p.add_argument("--lr", type=float_in(0, limits.MAX_LEARNING_RATE), default=None, help="learning rate (entry: learning_rate)")
-    p.add_argument("--warmup", type=int_upto(limits.MAX_TRAIN_STEPS, low=0), default=None, help="warmup steps (entry: warmup_steps)")
+    p.add_argument("--lr", type=float_in(0, limits.MAX_LEARNING_RATE), default=None,
+                   help="learning rate (entry: learning_rate)")
+    p.add_argument("--warmup", type=int_upto(limits.MAX_TRAIN_STEPS, low=0), default=None,
+                   help="warmup steps (entry: warmup_steps)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None, help="(entry: lr_schedule)")
     p.add_argument("--grad-accum", type=int_upto(limits.MAX_BATCH_SIZE), default=None,
                    help="gradient accumulation steps (entry: gradient_accumulation_steps)")
-    p.add_argument("--caption-dropout", type=float_in(0, 0.999), default=None, help="share of empty captions (entry: caption_dropout)")
+    p.add_argument("--caption-dropout", type=float_in(0, 0.999), default=None,
+                   help="share of empty captions (entry: caption_dropout)")
     p.add_argument("--snr-gamma", type=float_in(1e-6, 1e6), default=None,
                    help="min-SNR-gamma weighting of the denoising loss, e.g. 5.0 (entry: snr_gamma; null: plain MSE)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
@@ -98,9 +102,11 @@ def add_commands(sub: Any) -> None:
                    help="recompute activations in the backward pass (entry: gradient_checkpointing)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="keep and write an EMA of the weights (entry: ema, ema_decay)")
-    p.add_argument("--checkpoint-every", type=int_upto(limits.MAX_TRAIN_STEPS), default=None, help="(entry: checkpoint_every)")
+    p.add_argument("--checkpoint-every", type=int_upto(limits.MAX_TRAIN_STEPS), default=None,
+                   help="(entry: checkpoint_every)")
     p.add_argument("--seed", type=int, default=None, help="seed of the data, noise and init (entry: seed)")
-    p.add_argument("--num-samples", type=int_upto(limits.MAX_NUM_SAMPLES), default=None, help="training examples (entry: data.num_samples)")
+    p.add_argument("--num-samples", type=int_upto(limits.MAX_NUM_SAMPLES), default=None,
+                   help="training examples (entry: data.num_samples)")
     p.add_argument("--objects", choices=DATA_OBJECTS, default=None,
                    help="synthetic data: scenes draw every object (all; another language's concept is an unnamed "
                         "'object') or the generic shapes plus the language's own concepts (own) (entry: data.objects)")
