@@ -82,7 +82,8 @@ def test_bdm_branch_from_the_entry_with_a_frozen_backbone(reg, tmp_path):
     assert info["settings"]["data"]["dataset"] == "synthetic" and info["settings"]["data"]["english_column"] is None
     assert info["steps"] == 4 and len(info["losses"]) == 4 and info["samples_per_s"] > 0
     assert json.loads((opts.work_dir / "train_info.json").read_text())["final_loss"] == info["final_loss"]
-    assert sorted(p.name for p in opts.out_dir.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in opts.out_dir.iterdir()) == [".polybridge-output", "config.json",
+                                                              "diffusion_pytorch_model.safetensors"]
 
 
 def test_pea_adapter_distils_from_the_english_caption(reg, tmp_path):
