@@ -70,6 +70,7 @@ class RegistryError(PolyBridgeError, ValueError):
     def __init__(self, file: str | Path, key: str | None, problem: str, valid: typing.Iterable[str] | None = None):
         self.file = str(file)
         self.key = key
+        problem = cut(problem)  # a value a user wrote may be huge: quote an excerpt
         self.problem = problem
         self.valid = tuple(valid) if valid is not None else None
         where = f"{self.file}: {key}: " if key else f"{self.file}: "
@@ -394,6 +395,12 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
     short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 8, 8, limit, limit
     text = short.repr(value)
     return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
+def cut(message: str, limit: int = 400) -> str:
+    """``message`` on one line and at most ``limit`` characters (with the total length when cut)."""
+    message = " ".join(message.split("\n"))
+    return message if len(message) <= limit else message[:limit] + f"... ({len(message):,} characters)"
 
 
 def _expanded_nodes(node: yaml.Node, limit: int) -> int:

@@ -242,6 +242,23 @@ def test_bombs_family_a_grammar_bomb_and_a_prompt_file_device(tmp_path, capsys):
     assert code == 2 and "--file /dev/zero: not a regular file" in error_line(err)
 
 
+@counts("bombs", 2)
+def test_bombs_family_a_huge_wrong_value_is_quoted_as_an_excerpt(tmp_path):
+    from polybridge.synthetic.grammar import GrammarError, load_grammar
+
+    grammar = (REPO / "languages/zh/grammar.yaml").read_text(encoding="utf-8")
+    (tmp_path / "grammar.yaml").write_text(grammar.replace("    small: 小", "    small: [" + "1, " * 20_000 + "1]"))
+    with pytest.raises(GrammarError, match="words.size.small") as info:
+        load_grammar(tmp_path / "grammar.yaml", "zh", ["lantern", "pagoda"])
+    one_line(info.value)
+    top, langs = _base()
+    langs["zh"]["code"] = "zh\n" + "z" * 50_000
+    (tmp_path / "reg").mkdir()
+    with pytest.raises(RegistryError) as info:
+        load_registry(_write_registry(tmp_path / "reg", top, langs))
+    one_line(info.value)
+
+
 @counts("bombs", 1)
 def test_bombs_family_alias_reuse_within_the_bound_still_loads(tmp_path):
     (tmp_path / "ok.yaml").write_text("base: &b {x: 1, y: [1, 2]}\none: *b\ntwo: {<<: *b, x: 3}\n")

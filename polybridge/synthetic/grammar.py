@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from polybridge.errors import PolyBridgeError, PolyBridgeValueError
-from polybridge.registry import read_yaml
+from polybridge.registry import cut, read_yaml
 from polybridge.synthetic.world import (
     BACKGROUNDS,
     COLOURS,
@@ -102,6 +102,7 @@ class GrammarError(PolyBridgeError, ValueError):
 
     def __init__(self, path: str | Path, key: str, message: str):
         self.path, self.key = str(path), key
+        message = cut(message)  # a value a user wrote may be huge: quote an excerpt
         super().__init__(f"{path}: {key}: {message}" if key else f"{path}: {message}")
 
 
