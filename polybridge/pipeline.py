@@ -43,7 +43,9 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import BaseOutput
+from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 
 from polybridge.backbones import Backbone, BackboneError, family_of_unet, get_family, load_backbone
@@ -51,6 +53,8 @@ from polybridge.branches import Branch, get_branch_class, load_branch
 from polybridge.conditioning import Conditioning, compose, concat
 from polybridge.encoders import NativeEncoder, load_encoder
 from polybridge.errors import PolyBridgeFileNotFoundError, PolyBridgeTypeError, PolyBridgeValueError
+from polybridge.plugins import controlnet as cn
+from polybridge.plugins import lora as row_lora
 from polybridge.registry import LanguageEntry, Registry, RegistryError, load_registry
 from polybridge.router import RoutePlan, Router
 
@@ -108,6 +112,23 @@ class _Row:
 
 
 @dataclass
+class _Run:
+    """One call's options that the denoising loop reads (beyond the conditioning)."""
+
+    guidance_scale: float
+    do_cfg: bool
+    generator: Any = None
+    eta: float = 0.0
+    guidance_rescale: float = 0.0
+    cross_attention_kwargs: dict[str, Any] | None = None
+    clip_skip: int | None = None
+    callback: Any = None
+    callback_inputs: tuple[str, ...] = ("latents",)
+    control: cn.ControlSource | None = None
+    backbone: Conditioning | None = None  # the backbone's own prompt encoding: what a ControlNet reads
+
+
+@dataclass
 class _BranchRows:
     code: str
     rows: torch.Tensor | None  # indices into the (CFG-doubled) batch; None: every row
@@ -116,8 +137,12 @@ class _BranchRows:
     scale: float
 
 
-class PolyBridgePipeline(DiffusionPipeline):
+class PolyBridgePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin,
+                         FromSingleFileMixin):
     """Text-to-image with one frozen English backbone and native-language branches.
+
+    diffusers' loader mixins (LoRA, Textual Inversion, single file) act on the backbone only; a ``controlnet``
+    component (``ControlNetModel`` / ``MultiControlNetModel``) conditions every row beside the branches.
 
     Build it with :meth:`from_registry`, or from components and :meth:`add_language`::
 
@@ -126,12 +151,16 @@ class PolyBridgePipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["encoders", "branches", "text_encoder_2", "tokenizer_2"]
+    _optional_components = ["encoders", "branches", "text_encoder_2", "tokenizer_2", "controlnet"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any,
                  encoders: LanguageModules | None = None, branches: LanguageModules | None = None,
-                 backbone_language: str = "en", text_encoder_2: Any = None, tokenizer_2: Any = None):
+                 backbone_language: str = "en", text_encoder_2: Any = None, tokenizer_2: Any = None,
+                 controlnet: Any = None):
         super().__init__()
+        if controlnet is not None:
+            controlnet = self._fitting_controlnet(controlnet, unet)
         family = family_of_unet(unet)
         if family is None:
             raise BackboneError("PolyBridgePipeline: the UNet belongs to no known backbone family (its config has "
@@ -144,7 +173,7 @@ class PolyBridgePipeline(DiffusionPipeline):
             raise BackboneError(f"PolyBridgePipeline: an {family} backbone needs {', '.join(missing)}")
         # SDXL's second text side; None on the other families (as diffusers' optional components are)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              encoders=LanguageModules(), branches=LanguageModules(), **given)
+                              encoders=LanguageModules(), branches=LanguageModules(), controlnet=controlnet, **given)
         self.register_to_config(backbone_language=backbone_language)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -346,11 +375,20 @@ class PolyBridgePipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ generation
 
-    def _encode_backbone(self, texts: list[str], device: torch.device,
-                         optional: list[bool] | None = None) -> Conditioning:
+    def _encode_backbone(self, texts: list[str], device: torch.device, optional: list[bool] | None = None,
+                         clip_skip: int | None = None, lora_scale: float | None = None) -> Conditioning:
         """The backbone's conditioning for ``texts``: its family's prompt encoding, the same computation as its
-        diffusers pipeline's ``encode_prompt``, so the backbone side is bit-identical."""
-        return self.family.encode_prompt(self, texts, device, optional=optional)
+        diffusers pipeline's ``encode_prompt`` (Textual Inversion tokens expanded, ``clip_skip``, the LoRA scale on
+        the text encoders), so the backbone side is bit-identical."""
+        encoders = [getattr(self, name) for name, _ in self.family.text_encoders]
+        scaled = lora_scale is not None and USE_PEFT_BACKEND
+        for encoder in encoders if scaled else ():
+            scale_lora_layers(encoder, lora_scale)
+        try:
+            return self.family.encode_prompt(self, texts, device, optional=optional, clip_skip=clip_skip)
+        finally:
+            for encoder in encoders if scaled else ():
+                unscale_lora_layers(encoder, lora_scale)
 
     def _branch_inputs(self, rows: list[_Row], do_cfg: bool, branch_scale: float | None,
                        device: torch.device) -> list[_BranchRows]:
@@ -373,26 +411,44 @@ class PolyBridgePipeline(DiffusionPipeline):
                 mask=None if mask is None else mask.to(device), scale=float(scale)))
         return items
 
-    def _call_conditioning(self, rows: list[_Row], items: list[_BranchRows], do_cfg: bool, height: int, width: int,
-                           device: torch.device) -> Conditioning:
-        """What stays the same at every step, composed: the branches that do not depend on the step (their contexts
-        first), the backbone's prompt encoding (its English text; CFG's negative half first), its size conditioning."""
+    def _backbone_conditioning(self, rows: list[_Row], run: _Run, device: torch.device,
+                               embeds: tuple[torch.Tensor | None, torch.Tensor | None]) -> Conditioning:
+        """The backbone's own encoding of every row (CFG's negative half first); ``embeds``: the caller's
+        ``prompt_embeds`` / ``negative_prompt_embeds`` in place of the English texts' encoding."""
+        lora_scale = (run.cross_attention_kwargs or {}).get("scale")
         texts = [row.backbone for row in rows]
-        backbone = self._encode_backbone(texts, device)
-        if do_cfg:  # a negative row keeps the backbone's states where its positive row does
-            negative = self._encode_backbone([row.backbone_negative for row in rows], device,
-                                             optional=[not text for text in texts])
-            backbone = concat([negative, backbone])
+        if embeds[0] is not None:
+            backbone = Conditioning(context=embeds[0].to(device=device, dtype=self.text_encoder.dtype))
+        else:
+            backbone = self._encode_backbone(texts, device, clip_skip=run.clip_skip, lora_scale=lora_scale)
+        if not run.do_cfg:
+            return backbone
+        if embeds[1] is not None:
+            negative = Conditioning(context=embeds[1].to(device=device, dtype=backbone.context.dtype))
+        else:  # a negative row keeps the backbone's states where its positive row does
+            optional = [not text for text in texts] if embeds[0] is None else [False] * len(rows)
+            negative = self._encode_backbone([row.backbone_negative for row in rows], device, optional=optional,
+                                             clip_skip=run.clip_skip, lora_scale=lora_scale)
+        return concat([negative, backbone])
+
+    def _call_conditioning(self, rows: list[_Row], items: list[_BranchRows], run: _Run, height: int, width: int,
+                           device: torch.device, embeds: tuple[Any, Any] = (None, None)) -> Conditioning:
+        """What stays the same at every step, composed: the branches that do not depend on the step (their contexts
+        first), the backbone's prompt encoding (its English text; CFG's negative half first), its size conditioning.
+        The backbone's own encoding is kept in ``run.backbone`` (a ControlNet reads it)."""
+        backbone = self._backbone_conditioning(rows, run, device, embeds)
         dtype = backbone.context.dtype
         parts = [self.branches[item.code].condition(item.states, item.mask, scale=item.scale, rows=item.rows).to(dtype)
                  for item in items if not self.branches[item.code].step_dependent]
-        total = len(rows) * (2 if do_cfg else 1)
+        total = len(rows) * (2 if run.do_cfg else 1)
         size = self.family.size_conditioning(self, total, height, width, device, dtype)
+        run.backbone = compose([backbone, size], total)
         return compose([*parts, backbone, size], total)
 
     def _step_conditioning(self, base: Conditioning, sample: torch.Tensor, t: torch.Tensor,
-                           items: list[_BranchRows]) -> Conditioning:
-        """``base`` plus what the step-dependent branches give for this step's ``sample``, each on its rows only."""
+                           items: list[_BranchRows], run: _Run | None = None, step: int = 0) -> Conditioning:
+        """``base`` plus what the step-dependent sources give for this step's ``sample``: each step-dependent branch
+        on its rows only, and the ControlNet (reading the backbone's own text states) on every row."""
         parts = [base]
         for item in items:
             branch = self.branches[item.code]
@@ -403,8 +459,9 @@ class PolyBridgePipeline(DiffusionPipeline):
             cond = branch.condition(item.states, item.mask, sample=x.to(branch.dtype), timestep=t, added=added,
                                     scale=item.scale, rows=item.rows)
             parts.append(cond.to(self.unet.dtype))
+        if run is not None and run.control is not None:
+            parts.append(run.control.condition(sample, t, step, run.backbone, dict(run.backbone.added) or None))
         return base if len(parts) == 1 else compose(parts, sample.shape[0])
-
     def _check_call(self, prompt: Any, num_inference_steps: Any, guidance_scale: Any, branch_scale: Any,
                     num_images_per_prompt: Any, output_type: str, height: int | None,
                     width: int | None) -> tuple[list[str], int, int]:
@@ -430,33 +487,148 @@ class PolyBridgePipeline(DiffusionPipeline):
             raise PolyBridgeValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
         return prompts, height, width
 
-    def _denoise(self, latents: torch.Tensor, base: Conditioning, items: list[_BranchRows], guidance_scale: float,
-                 do_cfg: bool, generator: Any) -> torch.Tensor:
+    def _denoise(self, latents: torch.Tensor, base: Conditioning, items: list[_BranchRows], run: _Run,
+                 timesteps: torch.Tensor) -> torch.Tensor:
         """The scheduler loop: one backbone UNet call per step for the whole (CFG-doubled) batch."""
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         step_kwargs: dict[str, Any] = {}
         if "eta" in step_params:
-            step_kwargs["eta"] = 0.0
+            step_kwargs["eta"] = run.eta
         if "generator" in step_params:
-            step_kwargs["generator"] = generator
-        timesteps = self.scheduler.timesteps
+            step_kwargs["generator"] = run.generator
+        extra = {"cross_attention_kwargs": run.cross_attention_kwargs} if run.cross_attention_kwargs else {}
+        self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents] * 2) if run.do_cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                conditioning = self._step_conditioning(base, model_input, t, items)
-                noise = self.family.unet_call(self.unet, model_input, t, conditioning)
-                if do_cfg:
+                conditioning = self._step_conditioning(base, model_input, t, items, run, i)
+                noise = self.family.unet_call(self.unet, model_input, t, conditioning, **extra)
+                if run.do_cfg:
                     noise_uncond, noise_text = noise.chunk(2)
-                    noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                    noise = noise_uncond + run.guidance_scale * (noise_text - noise_uncond)
+                    if run.guidance_rescale > 0.0:
+                        noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=run.guidance_rescale)
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                if run.callback is not None:
+                    latents, base = self._on_step_end(run, i, t, latents, base)
                 progress.update()
         return latents
+
+    def _on_step_end(self, run: _Run, i: int, t: torch.Tensor, latents: torch.Tensor,
+                     base: Conditioning) -> tuple[torch.Tensor, Conditioning]:
+        """``callback_on_step_end``: it sees ``latents`` and the composed text states (``prompt_embeds``; CFG's
+        negative half as ``negative_prompt_embeds``) and may replace them, as in diffusers' pipelines."""
+        context = base.context
+        negative = context.chunk(2)[0] if run.do_cfg else None
+        values = {"latents": latents, "prompt_embeds": context, "negative_prompt_embeds": negative}
+        out = run.callback(self, i, t, {k: values[k] for k in run.callback_inputs}) or {}
+        latents = out.get("latents", latents)
+        context = out.get("prompt_embeds", context)
+        if "negative_prompt_embeds" in out and run.do_cfg:
+            context = torch.cat([out["negative_prompt_embeds"], context.chunk(2)[1]])
+        if context is not base.context:
+            base = Conditioning(context=context, context_mask=base.context_mask, added=base.added, down=base.down,
+                                mid=base.mid)
+        return latents, base
+
+    # ------------------------------------------------------------------ what a call sets (as diffusers' pipelines)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def clip_skip(self) -> int | None:
+        return self._clip_skip
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._do_cfg
+
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return self._cross_attention_kwargs
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    def _start_run(self, guidance_scale: float, generator: Any, options: dict[str, Any]) -> _Run:
+        """The call's :class:`_Run`, its options checked and published as the pipeline's properties."""
+        inputs = tuple(options.get("callback_on_step_end_tensor_inputs") or ("latents",))
+        unknown = [k for k in inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise PolyBridgeValueError(f"callback_on_step_end_tensor_inputs: {unknown} are not available; valid: "
+                                       f"{', '.join(self._callback_tensor_inputs)}")
+        do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+        run = _Run(guidance_scale=guidance_scale, do_cfg=do_cfg, generator=generator, eta=options.get("eta", 0.0),
+                   guidance_rescale=options.get("guidance_rescale", 0.0),
+                   cross_attention_kwargs=options.get("cross_attention_kwargs"), clip_skip=options.get("clip_skip"),
+                   callback=options.get("callback_on_step_end"), callback_inputs=inputs)
+        self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, run.guidance_rescale, run.clip_skip
+        self._cross_attention_kwargs, self._do_cfg, self._interrupt = run.cross_attention_kwargs, do_cfg, False
+        self._num_timesteps = 0
+        return run
+
+    def _initial_latents(self, latents: torch.Tensor | None, shape: tuple[int, ...], generator: Any,
+                         device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise PolyBridgeValueError(f"latents: shape {tuple(latents.shape)}, but this call needs {shape} "
+                                       "(images x latent channels x height / 8 x width / 8)")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    # ------------------------------------------------------------------ ControlNet
+
+    @staticmethod
+    def _fitting_controlnet(controlnet: Any, unet: Any) -> Any:
+        from diffusers import MultiControlNetModel
+
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(list(controlnet))
+        cn.check_fits(controlnet, unet)
+        return controlnet
+
+    def set_controlnet(self, controlnet: Any) -> None:
+        """Use ``controlnet`` (a ``ControlNetModel``, a ``MultiControlNetModel`` or a list; ``None``: none) beside
+        the branches. One made for another architecture is refused and the pipeline keeps its ControlNet."""
+        if controlnet is not None:
+            controlnet = self._fitting_controlnet(controlnet, self.unet)
+        self.register_modules(controlnet=controlnet)
+
+    def _prepare_control(self, image: Any, options: dict[str, Any], run: _Run, batch: int, per_prompt: int,
+                         size: tuple[int, int], steps: int, device: torch.device) -> cn.ControlSource | None:
+        if image is None and self.controlnet is None:
+            return None
+        if self.controlnet is None:
+            raise PolyBridgeValueError("image= is the ControlNet's hint, but this pipeline has no ControlNet; "
+                                       "build it with controlnet= or call pipe.set_controlnet(...)")
+        if image is None:
+            raise PolyBridgeValueError("this pipeline has a ControlNet: give its hint image with image=")
+        return cn.ControlSource.prepare(
+            self.controlnet, image, batch=batch, per_prompt=per_prompt, height=size[0], width=size[1],
+            do_cfg=run.do_cfg, scale=options.get("controlnet_conditioning_scale", 1.0),
+            start=options.get("control_guidance_start", 0.0), end=options.get("control_guidance_end", 1.0),
+            steps=steps, device=device, dtype=self.controlnet.dtype, vae_scale_factor=self.vae_scale_factor)
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         language: str | None = None,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 25,
@@ -469,6 +641,14 @@ class PolyBridgePipeline(DiffusionPipeline):
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         return_dict: bool = True,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        image: Any = None,
+        lora_adapters: list[str | None] | None = None,
+        **options: Any,
     ) -> PolyBridgePipelineOutput | tuple:
         """Generate images for ``prompt`` (one string or a list: one batch) written in ``language``; with
         ``language=None`` the router decides for each prompt (and splits mixed prompts into spans).
@@ -477,7 +657,20 @@ class PolyBridgePipeline(DiffusionPipeline):
         ``english_prompt`` is what the backbone's text encoder reads alongside a native prompt (``""``: the branch
         alone carries the meaning; an English text mixes its meaning in, as in BDM; with ``language=None`` it is
         appended to the routed English text). ``branch_scale`` overrides the entry's ``branch.scale``.
+
+        As ``StableDiffusionPipeline``: ``timesteps`` / ``sigmas``, ``latents``, ``prompt_embeds`` /
+        ``negative_prompt_embeds`` (the backbone's English side, one per prompt), and in ``options``: ``eta``,
+        ``guidance_rescale``, ``cross_attention_kwargs`` (``{"scale": s}``: the LoRA scale), ``clip_skip``,
+        ``callback_on_step_end`` with ``callback_on_step_end_tensor_inputs``. As
+        ``StableDiffusionControlNetPipeline``: ``image`` (the hint), and in ``options``:
+        ``controlnet_conditioning_scale``, ``control_guidance_start`` / ``_end``. ``lora_adapters``: one LoRA
+        adapter name (or ``None``) per prompt, all in one denoising loop (:mod:`polybridge.plugins.lora`).
         """
+        options = _check_options(options)
+        if prompt is None and prompt_embeds is not None:
+            prompt, language = [""] * prompt_embeds.shape[0], language or self.config.backbone_language
+        if image is not None and height is None and width is None:
+            height, width = cn.hint_size(image)
         prompts, height, width = self._check_call(prompt, num_inference_steps, guidance_scale, branch_scale,
                                                   num_images_per_prompt, output_type, height, width)
         negatives = _broadcast("" if negative_prompt is None else negative_prompt, len(prompts), "negative_prompt")
@@ -488,17 +681,22 @@ class PolyBridgePipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch:
             raise PolyBridgeValueError(f"generator: {len(generator)} generators for {batch} images "
                              f"({batch // n} prompts x num_images_per_prompt {n}); give one per image or a single one")
-
-        do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+        embeds = tuple(None if e is None else _per_image(e, len(prompts), n, name)
+                       for e, name in ((prompt_embeds, "prompt_embeds"), (negative_prompt_embeds, "negative_prompt_embeds")))
+        run = self._start_run(guidance_scale, generator, options)
         device = self._execution_device
-        items = self._branch_inputs(rows, do_cfg, branch_scale, device)
-        base = self._call_conditioning(rows, items, do_cfg, height, width, device)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        run.control = self._prepare_control(image, options, run, batch, n, (height, width), len(timesteps), device)
+        items = self._branch_inputs(rows, run.do_cfg, branch_scale, device)
+        base = self._call_conditioning(rows, items, run, height, width, device, embeds)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=base.context.dtype)
-        latents = self._denoise(latents * self.scheduler.init_noise_sigma, base, items, guidance_scale, do_cfg,
-                                generator)
+        latents = self._initial_latents(latents, shape, generator, device, base.context.dtype)
+        with row_lora.per_row_adapters(self.unet, lora_adapters, len(prompts), n, run.do_cfg):
+            latents = self._denoise(latents, base, items, run, timesteps)
+        return self._finish(latents, rows, output_type, generator, return_dict, language)
+
+    def _finish(self, latents: torch.Tensor, rows: list[_Row], output_type: str, generator: Any, return_dict: bool,
+                language: str | None) -> PolyBridgePipelineOutput | tuple:
         if output_type == "latent":
             images: Any = latents
         else:
@@ -513,6 +711,26 @@ class PolyBridgePipeline(DiffusionPipeline):
                                         plans=None if language is not None else [row.plan for row in rows])
 
 
+#: Keyword arguments of ``__call__`` beyond its named ones (diffusers' own meanings).
+CALL_OPTIONS = ("eta", "guidance_rescale", "cross_attention_kwargs", "clip_skip", "callback_on_step_end",
+                "callback_on_step_end_tensor_inputs", "controlnet_conditioning_scale", "control_guidance_start",
+                "control_guidance_end")
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = [k for k in options if k not in CALL_OPTIONS]
+    if unknown:
+        raise PolyBridgeTypeError(f"PolyBridgePipeline.__call__ got unexpected keyword argument(s) "
+                                  f"{', '.join(map(repr, unknown))}; besides its named ones it takes "
+                                  f"{', '.join(CALL_OPTIONS)}")
+    return options
+
+
+def _per_image(embeds: torch.Tensor, prompts: int, n: int, name: str) -> torch.Tensor:
+    if embeds.ndim != 3 or embeds.shape[0] != prompts:
+        raise PolyBridgeValueError(f"{name}: shape {tuple(embeds.shape)}, expected ({prompts}, tokens, width): one "
+                                   "per prompt")
+    return embeds.repeat_interleave(n, dim=0)
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

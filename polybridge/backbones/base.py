@@ -204,9 +204,9 @@ class BackboneFamily:
 
     @classmethod
     def encode_prompt(cls, components: Any, texts: list[str], device: torch.device,
-                      optional: list[bool] | None = None) -> Conditioning:
+                      optional: list[bool] | None = None, clip_skip: int | None = None) -> Conditioning:
         """The backbone's conditioning for ``texts`` (one row each), as the family's diffusers pipeline encodes a
-        prompt. ``components`` has the family's text encoders and tokenizers as attributes (a pipeline or a
+        prompt (``clip_skip``: layers skipped from the end, as there). ``components`` has the family's text encoders and tokenizers as attributes (a pipeline or a
         :class:`Backbone`). ``optional`` (default: the rows whose text is ``""``) marks rows whose context is a
         default that a branch's context replaces (:mod:`polybridge.conditioning`)."""
         raise NotImplementedError
@@ -218,9 +218,11 @@ class BackboneFamily:
         return None
 
     @classmethod
-    def unet_call(cls, unet: Any, sample: torch.Tensor, timestep: Any, conditioning: Conditioning) -> torch.Tensor:
-        """The UNet's noise prediction for a full-batch (composed) conditioning."""
-        return unet(sample, timestep, **conditioning.unet_kwargs(), return_dict=False)[0]
+    def unet_call(cls, unet: Any, sample: torch.Tensor, timestep: Any, conditioning: Conditioning,
+                  **extra: Any) -> torch.Tensor:
+        """The UNet's noise prediction for a full-batch (composed) conditioning; ``extra``: further UNet keyword
+        arguments (``cross_attention_kwargs``)."""
+        return unet(sample, timestep, **conditioning.unet_kwargs(), **extra, return_dict=False)[0]
 
     @classmethod
     def check_unet(cls, unet: Any, where: str) -> None:
