@@ -55,6 +55,7 @@ from polybridge.encoders import NativeEncoder, load_encoder
 from polybridge.errors import PolyBridgeFileNotFoundError, PolyBridgeTypeError, PolyBridgeValueError
 from polybridge.plugins import controlnet as cn
 from polybridge.plugins import lora as row_lora
+from polybridge.plugins.loaders import CheckedLoaders
 from polybridge.registry import LanguageEntry, Registry, RegistryError, load_registry
 from polybridge.router import RoutePlan, Router
 
@@ -137,8 +138,8 @@ class _BranchRows:
     scale: float
 
 
-class PolyBridgePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin,
-                         FromSingleFileMixin):
+class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraLoaderMixin,
+                         TextualInversionLoaderMixin, FromSingleFileMixin):
     """Text-to-image with one frozen English backbone and native-language branches.
 
     diffusers' loader mixins (LoRA, Textual Inversion, single file) act on the backbone only; a ``controlnet``
@@ -685,7 +686,7 @@ class PolyBridgePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Text
                        for e, name in ((prompt_embeds, "prompt_embeds"), (negative_prompt_embeds, "negative_prompt_embeds")))
         run = self._start_run(guidance_scale, generator, options)
         device = self._execution_device
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps = self._timesteps(num_inference_steps, device, timesteps, sigmas)
         run.control = self._prepare_control(image, options, run, batch, n, (height, width), len(timesteps), device)
         items = self._branch_inputs(rows, run.do_cfg, branch_scale, device)
         base = self._call_conditioning(rows, items, run, height, width, device, embeds)
@@ -694,6 +695,13 @@ class PolyBridgePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Text
         with row_lora.per_row_adapters(self.unet, lora_adapters, len(prompts), n, run.do_cfg):
             latents = self._denoise(latents, base, items, run, timesteps)
         return self._finish(latents, rows, output_type, generator, return_dict, language)
+
+    def _timesteps(self, steps: int, device: torch.device, timesteps: Any, sigmas: Any) -> torch.Tensor:
+        """The scheduler's timesteps: ``steps`` of its own spacing, or the given ``timesteps`` / ``sigmas``."""
+        try:
+            return retrieve_timesteps(self.scheduler, steps, device, timesteps, sigmas)[0]
+        except ValueError as exc:
+            raise PolyBridgeValueError(f"timesteps / sigmas: {exc}") from None
 
     def _finish(self, latents: torch.Tensor, rows: list[_Row], output_type: str, generator: Any, return_dict: bool,
                 language: str | None) -> PolyBridgePipelineOutput | tuple:

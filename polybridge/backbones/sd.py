@@ -59,7 +59,10 @@ class SDFamily(BackboneFamily):
                       optional: list[bool] | None = None, clip_skip: int | None = None) -> Conditioning:
         out = encode_clip(components.tokenizer, components.text_encoder, list(texts), device,
                           hidden_state=None if clip_skip is None else -(clip_skip + 1), components=components)
-        embeds = out[0] if clip_skip is None else \
-            components.text_encoder.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+        if clip_skip is None:
+            embeds = out[0]
+        else:  # the skipped-to layer through the final LayerNorm, as diffusers does (transformers 5 drops text_model)
+            encoder = components.text_encoder
+            embeds = getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[-(clip_skip + 1)])
         embeds = embeds.to(dtype=components.text_encoder.dtype, device=device)
         return Conditioning(context=embeds, optional=_optional(texts, optional, device))
