@@ -41,12 +41,14 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, MultiControlNetModel, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, scale_lora_layers, unscale_lora_layers
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from polybridge.backbones import Backbone, BackboneError, family_of_unet, get_family, load_backbone
 from polybridge.branches import Branch, get_branch_class, load_branch
@@ -155,10 +157,11 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
     _optional_components = ["encoders", "branches", "text_encoder_2", "tokenizer_2", "controlnet"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any,
-                 encoders: LanguageModules | None = None, branches: LanguageModules | None = None,
-                 backbone_language: str = "en", text_encoder_2: Any = None, tokenizer_2: Any = None,
-                 controlnet: Any = None):
+    def __init__(self, vae: AutoencoderKL, text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 unet: UNet2DConditionModel, scheduler: SchedulerMixin, encoders: LanguageModules | None = None,
+                 branches: LanguageModules | None = None, backbone_language: str = "en",
+                 text_encoder_2: PreTrainedModel | None = None, tokenizer_2: PreTrainedTokenizerBase | None = None,
+                 controlnet: ControlNetModel | MultiControlNetModel | None = None):
         super().__init__()
         if controlnet is not None:
             controlnet = self._fitting_controlnet(controlnet, unet)
@@ -288,13 +291,33 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         return self.unet.dtype
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> PolyBridgePipeline:
-        raise NotImplementedError("PolyBridgePipeline is built from a registry: use PolyBridgePipeline.from_registry(); "
-                                  "a branch alone loads with polybridge.branches.Branch.from_pretrained()")
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> PolyBridgePipeline:
+        """A pipeline :meth:`save_pretrained` wrote (rebuilt offline, every language with it; ``languages=``,
+        ``torch_dtype=``, ``device=`` as :meth:`from_registry`), or a diffusers-format backbone with no languages."""
+        from polybridge.saving import load_pipeline
 
-    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("a PolyBridgePipeline is not saved as a whole: save each branch with "
-                                  "branch.save_pretrained(dir) and point its registry entry at it")
+        return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, overwrite: bool = False, **kwargs: Any) -> None:
+        """Write the whole pipeline (backbone, encoders, tokenizers, branches, the languages' entries) as a
+        self-contained registry folder (:mod:`polybridge.saving`); :meth:`from_pretrained` reads it back."""
+        from polybridge.saving import save_pipeline
+
+        unknown = set(kwargs) - {"safe_serialization"}
+        if unknown or kwargs.get("safe_serialization", True) is False:
+            raise PolyBridgeValueError(f"save_pretrained: unsupported argument(s) {sorted(unknown or kwargs)}; "
+                                       "polybridge saves safetensors only")
+        save_pipeline(self, save_directory, overwrite=overwrite)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """diffusers' model offload, with every native encoder and branch hooked too (each moves to the accelerator
+        when it runs and back when the next model does)."""
+        from accelerate import cpu_offload_with_hook
+
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        for module in [*self.encoders.values(), *self.branches.values()]:
+            _, hook = cpu_offload_with_hook(module, self._offload_device)
+            self._all_hooks.append(hook)
 
     # ------------------------------------------------------------------ routing
 
@@ -597,8 +620,6 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
 
     @staticmethod
     def _fitting_controlnet(controlnet: Any, unet: Any) -> Any:
-        from diffusers import MultiControlNetModel
-
         if isinstance(controlnet, (list, tuple)):
             controlnet = MultiControlNetModel(list(controlnet))
         cn.check_fits(controlnet, unet)

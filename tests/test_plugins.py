@@ -284,3 +284,69 @@ def test_prompt_embeds_and_callback():
         pipe(EN, guidance=3)
     with pytest.raises(PolyBridgeError, match="PNDMScheduler.*custom timestep"):
         pipe(EN, language="en", timesteps=[999, 1])
+
+
+# --------------------------------------------------------------------------- save, load, from_pipe, offload
+
+
+def test_save_pretrained_then_from_pretrained_draws_the_same_images(tmp_path):
+    pipe = _pipe()
+    pipe.router = Router({"en": ["Latin"], "zh": ["Han"]})
+    path = make_ti(tmp_path / "toy.safetensors", "<toy>", vectors=2)
+    pipe.load_textual_inversion(path)
+    prompts = [ZH, "a <toy>", f"{ZH}, a <toy>"]
+
+    def draw(p, output_type="latent"):
+        return p(prompts, language=None, num_inference_steps=STEPS, output_type=output_type,
+                 generator=[gen(i) for i in range(3)])
+
+    before, before_np = draw(pipe), draw(pipe, "np").images
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "registry.yaml").is_file()
+    assert (tmp_path / "saved" / "languages" / "zh" / "branch").is_dir()
+    again = _quiet(PolyBridgePipeline.from_pretrained(tmp_path / "saved"))
+    assert set(again.languages) == {"en", "zh"}
+    after = draw(again)
+    assert after.languages == before.languages == ["zh", "en", "zh+en"]
+    assert torch.equal(after.images, before.images)  # the denoising is bit-identical
+    # the decoded batch too, to float rounding (CPU convolutions of a reloaded VAE may sum in another order)
+    np.testing.assert_allclose(draw(again, "np").images, before_np, atol=1e-6)
+    with pytest.raises(PolyBridgeError, match="not empty|exists"):
+        pipe.save_pretrained(tmp_path / "saved")
+
+
+def test_save_pretrained_of_a_registry_pipeline_keeps_its_entries(tmp_path):
+    from tiny_components import write_registry
+
+    c = get_dummy_components()
+    branch = perturb_(BDMBranch.from_unet(c["unet"], 48, encoder_name="./encoder"), seed=3)
+    registry = write_registry(tmp_path / "reg", c, {"zh": {"encoder": native_encoder(48), "branch": branch}})
+    pipe = _quiet(PolyBridgePipeline.from_registry(registry))
+    before = _np(pipe, ZH, language=None)
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "languages" / "zh" / "grammar.yaml").is_file()
+    np.testing.assert_array_equal(_np(_quiet(PolyBridgePipeline.from_pretrained(tmp_path / "saved")), ZH,
+                                      language=None), before)
+
+
+def test_from_pipe_both_ways_and_from_pretrained_on_a_diffusers_folder(tmp_path):
+    sd = _sd(get_dummy_components())
+    pipe = _quiet(PolyBridgePipeline.from_pipe(sd))
+    assert pipe.unet is sd.unet
+    np.testing.assert_array_equal(_np(pipe, EN, language="en"), _np(sd, EN))
+    # a polybridge backbone has no safety checker: say so, as when building StableDiffusionPipeline from components
+    back = _quiet(StableDiffusionPipeline.from_pipe(_pipe(), safety_checker=None, feature_extractor=None,
+                                                    requires_safety_checker=False))
+    np.testing.assert_array_equal(_np(back, EN), _np(sd, EN))
+    sd.save_pretrained(tmp_path / "sd")
+    loaded = _quiet(PolyBridgePipeline.from_pretrained(tmp_path / "sd"))
+    np.testing.assert_array_equal(_np(loaded, EN, language="en"), _np(sd, EN))
+
+
+def test_model_cpu_offload_hooks_encoders_and_branches():
+    pipe = _pipe()
+    pipe.enable_model_cpu_offload(device="cpu")
+    for module in (pipe.text_encoder, pipe.unet, pipe.vae, pipe.encoders["zh"], pipe.branches["zh"]):
+        assert hasattr(module, "_hf_hook"), type(module).__name__
+    out = _np(pipe, ZH, language="zh")
+    assert out.shape == (1, 16, 16, 3)
