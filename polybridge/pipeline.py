@@ -182,6 +182,7 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.registry: Registry | None = None
+        self.backbone_name: str | None = None  # the registry backbone, when built from a registry
         self._base_router: Router | None = None  # given, or built from the registry on first use
         self._router: Router | None = None  # the base router with this pipeline's loaded languages as targets
         self._languages: dict[str, LoadedLanguage] = {backbone_language: LoadedLanguage(backbone_language, "backbone")}
@@ -216,6 +217,7 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
             registry.language(code)  # unknown codes: RegistryError listing the valid ones
         pipe = cls(**bb.components(), backbone_language=bb.language)
         pipe.registry = registry
+        pipe.backbone_name = bb.name  # the registry backbone it runs (plugins name the one they fit)
         for code in dict.fromkeys(codes):
             entry = registry.language(code)
             if code == bb.language or entry.is_backbone_language:
@@ -318,6 +320,20 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         for module in [*self.encoders.values(), *self.branches.values()]:
             _, hook = cpu_offload_with_hook(module, self._offload_device)
             self._all_hooks.append(hook)
+
+    def swap_backbone(self, source: Backbone | str | Path, *, variant: str | None = None,
+                      torch_dtype: torch.dtype | None = None, config: str | Path | None = None) -> None:
+        """Replace the backbone by another checkpoint of the same architecture (a loaded
+        :class:`~polybridge.backbones.Backbone`, a diffusers folder or hub id with an optional ``variant``, or a
+        single ``.safetensors`` file read with ``config``), keeping every language's branch. Another architecture
+        is refused and the pipeline stays as it was (:mod:`polybridge.plugins.checkpoint`)."""
+        from polybridge.plugins.checkpoint import check_swap, components_of
+
+        parts, what = components_of(source, self, variant=variant, torch_dtype=torch_dtype, config=config)
+        check_swap(self, parts, what)
+        self.register_modules(**parts)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # ------------------------------------------------------------------ routing
 

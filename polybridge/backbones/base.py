@@ -284,7 +284,7 @@ def load_backbone(registry: Registry | str | Path | None = None, name: str | Non
 
     def _diffusers_model(cls: type, sub: str) -> Any:
         model, info = cls.from_pretrained(where, subfolder=sub, torch_dtype=torch_dtype, use_safetensors=True,
-                                          output_loading_info=True, **common)
+                                          output_loading_info=True, variant=spec.variant, **common)
         _raise_on_missing_weights(cls.__name__, f"{where}/{sub}", info)
         return freeze(model)
 
@@ -294,7 +294,8 @@ def load_backbone(registry: Registry | str | Path | None = None, name: str | Non
     text_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     for sub, cls_name in family.text_encoders:
         model, info = getattr(transformers, cls_name).from_pretrained(
-            where, subfolder=sub, use_safetensors=True, output_loading_info=True, **text_kwargs, **common)
+            where, subfolder=sub, use_safetensors=True, output_loading_info=True, variant=spec.variant, **text_kwargs,
+            **common)
         _raise_on_missing_weights(cls_name, f"{where}/{sub}", info)
         parts[sub] = freeze(model)
     for sub, cls_name in family.tokenizers:

@@ -46,7 +46,7 @@ def lora_mismatches(state_dict: Mapping[str, torch.Tensor], components: Any) -> 
             want = None if weight is None else weight.shape[axis]  # (out, in, ...): lora_A reads in, lora_B gives out
             if want is not None and value.shape[axis] != want:
                 problems.append(f"{prefix}.{path} is {want} wide in the backbone, {value.shape[axis]} in the LoRA")
-    return problems
+    return list(dict.fromkeys(problems))
 
 
 class CheckedLoaders:
