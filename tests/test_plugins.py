@@ -350,3 +350,39 @@ def test_model_cpu_offload_hooks_encoders_and_branches():
         assert hasattr(module, "_hf_hook"), type(module).__name__
     out = _np(pipe, ZH, language="zh")
     assert out.shape == (1, 16, 16, 3)
+
+
+def test_sdxl_family_loads_loras_into_both_text_encoders_as_the_sdxl_pipeline_does(tmp_path):
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from tiny_components import get_dummy_sdxl_components
+
+    components = get_dummy_sdxl_components()
+    unet, te2 = copy.deepcopy(components["unet"]), copy.deepcopy(components["text_encoder_2"])
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    te2 = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False), te2)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "xl", unet_lora_layers=get_peft_model_state_dict(unet),
+                                                text_encoder_2_lora_layers=get_peft_model_state_dict(te2),
+                                                safe_serialization=True)
+    sdxl = _quiet(StableDiffusionXLPipeline(**copy.deepcopy(components)))
+    sdxl.load_lora_weights(tmp_path / "xl", adapter_name="xl")
+    pipe = _quiet(PolyBridgePipeline(**copy.deepcopy(components)))
+    pipe.load_lora_weights(tmp_path / "xl", adapter_name="xl")
+    assert pipe.get_list_adapters() == sdxl.get_list_adapters() == {"unet": ["xl"], "text_encoder_2": ["xl"]}
+    # SDXL zeroes the embeddings of an empty negative prompt (force_zeros_for_empty_prompt): give one
+    kw = {"num_inference_steps": STEPS, "guidance_scale": 7.5, "output_type": "latent", "negative_prompt": "blurry"}
+    for extra in ({}, {"cross_attention_kwargs": {"scale": 0.6}}):
+        kw.update(extra)
+        expected = sdxl(EN, generator=gen(), **kw).images
+        got = pipe(EN, language="en", generator=gen(), **kw).images
+        assert torch.allclose(got, expected, rtol=0, atol=1e-6), (extra, (got - expected).abs().max())
+    pipe.fuse_lora()
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert pipe.get_list_adapters() == {}

@@ -63,7 +63,8 @@ class CheckedLoaders:
         name = _plugin_name(pretrained_model_name_or_path_or_dict, adapter_name)
         source = pretrained_model_name_or_path_or_dict
         try:
-            state = self.lora_state_dict(dict(source) if isinstance(source, Mapping) else source, **kwargs)
+            state = self.lora_state_dict(dict(source) if isinstance(source, Mapping) else source,
+                                         unet_config=self.unet.config, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             raise PluginError(f"LoRA {name!r}: cannot be read: {str(exc).splitlines()[0]}") from None
         state_dict = state[0] if isinstance(state, tuple) else state
@@ -75,7 +76,19 @@ class CheckedLoaders:
         if adapter_name is not None and adapter_name in self._loaded_adapters():
             raise PluginError(f"LoRA {name!r}: an adapter of that name is loaded already; loaded: "
                               f"{', '.join(self._loaded_adapters())}; give another adapter_name")
-        super().load_lora_weights(state_dict, adapter_name=adapter_name, **kwargs)
+        self._family_lora_loader().load_lora_weights(self, state_dict, adapter_name=adapter_name, **kwargs)
+
+    def _family_lora_loader(self) -> type:
+        """diffusers' LoRA loader of the backbone family's pipeline (SDXL's also loads into ``text_encoder_2``)."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+        return StableDiffusionXLLoraLoaderMixin if self.family.name == "sdxl" else StableDiffusionLoraLoaderMixin
+
+    @property
+    def _lora_loadable_modules(self) -> list[str]:
+        """What ``set_adapters``, ``fuse_lora``, ``unload_lora_weights`` act on: the UNet and the family's text
+        encoders (never a branch)."""
+        return ["unet", *(name for name, _ in self.family.text_encoders)]
 
     def _loaded_adapters(self) -> list[str]:
         return sorted({a for names in self.get_list_adapters().values() for a in names})
