@@ -41,20 +41,48 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, MultiControlNetModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DiffusionPipeline,
+    MultiControlNetModel,
+    UNet2DConditionModel,
+)
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
-from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, scale_lora_layers, unscale_lora_layers
+from diffusers.loaders import (
+    FromSingleFileMixin,
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import (
+    USE_PEFT_BACKEND,
+    BaseOutput,
+    scale_lora_layers,
+    unscale_lora_layers,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from polybridge.backbones import Backbone, BackboneError, family_of_unet, get_family, load_backbone
+from polybridge.backbones import (
+    Backbone,
+    BackboneError,
+    family_of_unet,
+    get_family,
+    load_backbone,
+)
 from polybridge.branches import Branch, get_branch_class, load_branch
 from polybridge.conditioning import Conditioning, compose, concat
 from polybridge.encoders import NativeEncoder, load_encoder
-from polybridge.errors import PolyBridgeFileNotFoundError, PolyBridgeTypeError, PolyBridgeValueError
+from polybridge.errors import (
+    PolyBridgeFileNotFoundError,
+    PolyBridgeTypeError,
+    PolyBridgeValueError,
+)
 from polybridge.plugins import controlnet as cn
 from polybridge.plugins import lora as row_lora
 from polybridge.plugins.loaders import CheckedLoaders
@@ -154,8 +182,8 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["encoders", "branches", "text_encoder_2", "tokenizer_2", "controlnet"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _optional_components = ["encoders", "branches", "text_encoder_2", "tokenizer_2", "controlnet"]  # noqa: RUF012
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]  # noqa: RUF012 (diffusers' own)
 
     def __init__(self, vae: AutoencoderKL, text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  unet: UNet2DConditionModel, scheduler: SchedulerMixin, encoders: LanguageModules | None = None,

@@ -15,14 +15,14 @@ from diffusers import (
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
 )
+from plugin_fixtures import make_controlnet, make_lora, make_ti
+from tiny_components import get_dummy_components, native_encoder, perturb_, tiny_unet
 
 from polybridge.branches import BDMBranch
 from polybridge.errors import PolyBridgeError
 from polybridge.pipeline import PolyBridgePipeline
 from polybridge.plugins import PluginError
 from polybridge.router import Router
-from plugin_fixtures import make_controlnet, make_lora, make_ti
-from tiny_components import get_dummy_components, native_encoder, perturb_, tiny_unet
 
 pytest.importorskip("peft")
 
@@ -358,7 +358,6 @@ def test_sdxl_family_loads_loras_into_both_text_encoders_as_the_sdxl_pipeline_do
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
-
     from tiny_components import get_dummy_sdxl_components
 
     components = get_dummy_sdxl_components()

@@ -12,7 +12,13 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from polybridge.backbones import Backbone, architecture_config, architecture_diff, architecture_fingerprint, freeze
+from polybridge.backbones import (
+    Backbone,
+    architecture_config,
+    architecture_diff,
+    architecture_fingerprint,
+    freeze,
+)
 from polybridge.plugins import PluginError
 from polybridge.plugins.controlnet import check_fits
 

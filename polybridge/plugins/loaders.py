@@ -80,7 +80,10 @@ class CheckedLoaders:
 
     def _family_lora_loader(self) -> type:
         """diffusers' LoRA loader of the backbone family's pipeline (SDXL's also loads into ``text_encoder_2``)."""
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+        from diffusers.loaders import (
+            StableDiffusionLoraLoaderMixin,
+            StableDiffusionXLLoraLoaderMixin,
+        )
 
         return StableDiffusionXLLoraLoaderMixin if self.family.name == "sdxl" else StableDiffusionLoraLoaderMixin
 
