@@ -328,6 +328,19 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
 
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
 
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | Path, family: str = "sd",
+                         **kwargs: Any) -> PolyBridgePipeline:
+        """A backbone from one ``.safetensors`` checkpoint, read by the ``family``'s diffusers pipeline
+        (``config=``: a diffusers folder of the same architecture, so nothing is fetched); no languages yet."""
+        import diffusers
+
+        if Path(pretrained_model_link_or_path).suffix != ".safetensors":
+            raise PolyBridgeValueError(f"{pretrained_model_link_or_path}: a single-file checkpoint must be "
+                                       ".safetensors (polybridge never unpickles)")
+        pipeline_cls = getattr(diffusers, get_family(family).diffusers_pipeline)
+        return cls.from_pipe(pipeline_cls.from_single_file(str(pretrained_model_link_or_path), **kwargs))
+
     def save_pretrained(self, save_directory: str | Path, overwrite: bool = False, **kwargs: Any) -> None:
         """Write the whole pipeline (backbone, encoders, tokenizers, branches, the languages' entries) as a
         self-contained registry folder (:mod:`polybridge.saving`); :meth:`from_pretrained` reads it back."""
@@ -479,32 +492,47 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
                 mask=None if mask is None else mask.to(device), scale=float(scale)))
         return items
 
+    def _given_embeds(self, embeds: dict[str, torch.Tensor | None], prefix: str,
+                      device: torch.device) -> Conditioning:
+        """The caller's ``{prefix}prompt_embeds`` (and on SDXL ``{prefix}pooled_prompt_embeds``) as the backbone's
+        conditioning, as diffusers' pipelines take them."""
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        added = {}
+        if self.family.name == "sdxl":
+            pooled = embeds.get(f"{prefix}pooled_prompt_embeds")
+            if pooled is None:
+                raise PolyBridgeValueError(f"{prefix}prompt_embeds on an sdxl backbone needs "
+                                           f"{prefix}pooled_prompt_embeds too (as StableDiffusionXLPipeline)")
+            added = {"text_embeds": pooled.to(device=device, dtype=dtype)}
+        return Conditioning(context=embeds[f"{prefix}prompt_embeds"].to(device=device, dtype=dtype), added=added)
+
     def _backbone_conditioning(self, rows: list[_Row], run: _Run, device: torch.device,
-                               embeds: tuple[torch.Tensor | None, torch.Tensor | None]) -> Conditioning:
+                               embeds: dict[str, torch.Tensor | None]) -> Conditioning:
         """The backbone's own encoding of every row (CFG's negative half first); ``embeds``: the caller's
-        ``prompt_embeds`` / ``negative_prompt_embeds`` in place of the English texts' encoding."""
+        ``prompt_embeds`` / ``negative_prompt_embeds`` (and pooled ones) in place of the English texts' encoding."""
         lora_scale = (run.cross_attention_kwargs or {}).get("scale")
         texts = [row.backbone for row in rows]
-        if embeds[0] is not None:
-            backbone = Conditioning(context=embeds[0].to(device=device, dtype=self.text_encoder.dtype))
+        given = embeds.get("prompt_embeds") is not None
+        if given:
+            backbone = self._given_embeds(embeds, "", device)
         else:
             backbone = self._encode_backbone(texts, device, clip_skip=run.clip_skip, lora_scale=lora_scale)
         if not run.do_cfg:
             return backbone
-        if embeds[1] is not None:
-            negative = Conditioning(context=embeds[1].to(device=device, dtype=backbone.context.dtype))
+        if embeds.get("negative_prompt_embeds") is not None:
+            negative = self._given_embeds(embeds, "negative_", device)
         else:  # a negative row keeps the backbone's states where its positive row does
-            optional = [not text for text in texts] if embeds[0] is None else [False] * len(rows)
+            optional = [not text for text in texts] if not given else [False] * len(rows)
             negative = self._encode_backbone([row.backbone_negative for row in rows], device, optional=optional,
                                              clip_skip=run.clip_skip, lora_scale=lora_scale)
         return concat([negative, backbone])
 
     def _call_conditioning(self, rows: list[_Row], items: list[_BranchRows], run: _Run, height: int, width: int,
-                           device: torch.device, embeds: tuple[Any, Any] = (None, None)) -> Conditioning:
+                           device: torch.device, embeds: dict[str, Any] | None = None) -> Conditioning:
         """What stays the same at every step, composed: the branches that do not depend on the step (their contexts
         first), the backbone's prompt encoding (its English text; CFG's negative half first), its size conditioning.
         The backbone's own encoding is kept in ``run.backbone`` (a ControlNet reads it)."""
-        backbone = self._backbone_conditioning(rows, run, device, embeds)
+        backbone = self._backbone_conditioning(rows, run, device, embeds or {})
         dtype = backbone.context.dtype
         parts = [self.branches[item.code].condition(item.states, item.mask, scale=item.scale, rows=item.rows).to(dtype)
                  for item in items if not self.branches[item.code].step_dependent]
@@ -725,7 +753,8 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         appended to the routed English text). ``branch_scale`` overrides the entry's ``branch.scale``.
 
         As ``StableDiffusionPipeline``: ``timesteps`` / ``sigmas``, ``latents``, ``prompt_embeds`` /
-        ``negative_prompt_embeds`` (the backbone's English side, one per prompt), and in ``options``: ``eta``,
+        ``negative_prompt_embeds`` (the backbone's English side, one per prompt; on SDXL with
+        ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds`` in ``options``), and in ``options``: ``eta``,
         ``guidance_rescale``, ``cross_attention_kwargs`` (``{"scale": s}``: the LoRA scale), ``clip_skip``,
         ``callback_on_step_end`` with ``callback_on_step_end_tensor_inputs``. As
         ``StableDiffusionControlNetPipeline``: ``image`` (the hint), and in ``options``:
@@ -747,8 +776,9 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         if isinstance(generator, list) and len(generator) != batch:
             raise PolyBridgeValueError(f"generator: {len(generator)} generators for {batch} images "
                              f"({batch // n} prompts x num_images_per_prompt {n}); give one per image or a single one")
-        embeds = tuple(None if e is None else _per_image(e, len(prompts), n, name)
-                       for e, name in ((prompt_embeds, "prompt_embeds"), (negative_prompt_embeds, "negative_prompt_embeds")))
+        given = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+                 **{k: options.get(k) for k in POOLED_EMBEDS}}
+        embeds = {k: _per_image(v, len(prompts), n, k) for k, v in given.items() if v is not None}
         run = self._start_run(guidance_scale, generator, options)
         device = self._execution_device
         timesteps = self._timesteps(num_inference_steps, device, timesteps, sigmas)
@@ -787,7 +817,9 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
 #: Keyword arguments of ``__call__`` beyond its named ones (diffusers' own meanings).
 CALL_OPTIONS = ("eta", "guidance_rescale", "cross_attention_kwargs", "clip_skip", "callback_on_step_end",
                 "callback_on_step_end_tensor_inputs", "controlnet_conditioning_scale", "control_guidance_start",
-                "control_guidance_end")
+                "control_guidance_end", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+#: SDXL's pooled text embeddings, given beside ``prompt_embeds`` as to ``StableDiffusionXLPipeline``.
+POOLED_EMBEDS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -800,9 +832,10 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _per_image(embeds: torch.Tensor, prompts: int, n: int, name: str) -> torch.Tensor:
-    if embeds.ndim != 3 or embeds.shape[0] != prompts:
-        raise PolyBridgeValueError(f"{name}: shape {tuple(embeds.shape)}, expected ({prompts}, tokens, width): one "
-                                   "per prompt")
+    rank = 2 if "pooled" in name else 3
+    if embeds.ndim != rank or embeds.shape[0] != prompts:
+        raise PolyBridgeValueError(f"{name}: shape {tuple(embeds.shape)}, expected ({prompts}, "
+                                   f"{'width' if rank == 2 else 'tokens, width'}): one per prompt")
     return embeds.repeat_interleave(n, dim=0)
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -385,3 +385,30 @@ def test_sdxl_family_loads_loras_into_both_text_encoders_as_the_sdxl_pipeline_do
     pipe.unfuse_lora()
     pipe.unload_lora_weights()
     assert pipe.get_list_adapters() == {}
+
+
+def test_sdxl_prompt_embeds_with_pooled_embeds_as_the_sdxl_pipeline():
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from tiny_components import get_dummy_sdxl_components
+
+    components = get_dummy_sdxl_components()
+    sdxl = _quiet(StableDiffusionXLPipeline(**copy.deepcopy(components)))
+    pipe = _quiet(PolyBridgePipeline(**copy.deepcopy(components)))
+    embeds, negative, pooled, negative_pooled = sdxl.encode_prompt(EN, device="cpu", negative_prompt="blurry")
+    given = {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+             "negative_pooled_prompt_embeds": negative_pooled}
+    kw = {"num_inference_steps": STEPS, "guidance_scale": 7.5, "output_type": "latent"}
+    expected = sdxl(generator=gen(), **given, **kw).images
+    assert torch.allclose(pipe(generator=gen(), **given, **kw).images, expected, rtol=0, atol=1e-6)
+    with pytest.raises(PolyBridgeError, match="needs pooled_prompt_embeds"):
+        pipe(prompt_embeds=embeds, **kw)
+
+
+def test_single_file_checkpoints_are_safetensors_only(tmp_path):
+    with pytest.raises(PolyBridgeError, match="must be .safetensors"):
+        PolyBridgePipeline.from_single_file(tmp_path / "model.ckpt")
+    with pytest.raises(PluginError, match="must be .safetensors"):
+        _pipe().swap_backbone(tmp_path / "x.ckpt") if (tmp_path / "x.ckpt").write_bytes(b"x") else None
