@@ -391,7 +391,6 @@ def test_sdxl_prompt_embeds_with_pooled_embeds_as_the_sdxl_pipeline():
     import copy
 
     from diffusers import StableDiffusionXLPipeline
-
     from tiny_components import get_dummy_sdxl_components
 
     components = get_dummy_sdxl_components()
