@@ -5,7 +5,8 @@ peft's LoRA layers take ``adapter_names`` (one per row of their input; ``"__base
 each row's own adapter only (their "mixed batch" forward). While a call runs with ``lora_adapters=``, a forward
 pre-hook on each LoRA layer of the UNet passes the rows' names (classifier-free guidance's negative half gets the
 same names as its positive rows), so a row is drawn exactly as if its adapter alone were active. Branches are not
-touched (they hold no LoRA layers).
+touched (they hold no LoRA layers). Per-row names reach the UNet's LoRA layers only: a LoRA that also adapts the
+backbone's text encoder encodes every row's English text with the active adapters (``set_adapters``).
 """
 
 from __future__ import annotations
