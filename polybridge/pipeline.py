@@ -542,9 +542,8 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         return compose([*parts, backbone, size], total)
 
     def _step_conditioning(self, base: Conditioning, sample: torch.Tensor, t: torch.Tensor,
-                           items: list[_BranchRows], run: _Run | None = None, step: int = 0) -> Conditioning:
-        """``base`` plus what the step-dependent sources give for this step's ``sample``: each step-dependent branch
-        on its rows only, and the ControlNet (reading the backbone's own text states) on every row."""
+                           items: list[_BranchRows]) -> Conditioning:
+        """``base`` plus what the step-dependent branches give for this step's ``sample``, each on its rows only."""
         parts = [base]
         for item in items:
             branch = self.branches[item.code]
@@ -555,9 +554,16 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
             cond = branch.condition(item.states, item.mask, sample=x.to(branch.dtype), timestep=t, added=added,
                                     scale=item.scale, rows=item.rows)
             parts.append(cond.to(self.unet.dtype))
-        if run is not None and run.control is not None:
-            parts.append(run.control.condition(sample, t, step, run.backbone, dict(run.backbone.added) or None))
         return base if len(parts) == 1 else compose(parts, sample.shape[0])
+
+    def _control_conditioning(self, conditioning: Conditioning, sample: torch.Tensor, t: torch.Tensor, step: int,
+                              run: _Run) -> Conditioning:
+        """``conditioning`` plus the ControlNet's residuals for this step (it reads the backbone's own text states of
+        every row), composed as one more source."""
+        if run.control is None:
+            return conditioning
+        control = run.control.condition(sample, t, step, run.backbone, dict(run.backbone.added) or None)
+        return compose([conditioning, control], sample.shape[0])
     def _check_call(self, prompt: Any, num_inference_steps: Any, guidance_scale: Any, branch_scale: Any,
                     num_images_per_prompt: Any, output_type: str, height: int | None,
                     width: int | None) -> tuple[list[str], int, int]:
@@ -600,7 +606,8 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
                     continue
                 model_input = torch.cat([latents] * 2) if run.do_cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                conditioning = self._step_conditioning(base, model_input, t, items, run, i)
+                conditioning = self._step_conditioning(base, model_input, t, items)
+                conditioning = self._control_conditioning(conditioning, model_input, t, i, run)
                 noise = self.family.unet_call(self.unet, model_input, t, conditioning, **extra)
                 if run.do_cfg:
                     noise_uncond, noise_text = noise.chunk(2)
