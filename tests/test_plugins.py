@@ -409,5 +409,9 @@ def test_sdxl_prompt_embeds_with_pooled_embeds_as_the_sdxl_pipeline():
 def test_single_file_checkpoints_are_safetensors_only(tmp_path):
     with pytest.raises(PolyBridgeError, match="must be .safetensors"):
         PolyBridgePipeline.from_single_file(tmp_path / "model.ckpt")
+    (tmp_path / "x.ckpt").write_bytes(b"pickle")
+    pipe = _pipe()
+    unet = pipe.unet
     with pytest.raises(PluginError, match="must be .safetensors"):
-        _pipe().swap_backbone(tmp_path / "x.ckpt") if (tmp_path / "x.ckpt").write_bytes(b"x") else None
+        pipe.swap_backbone(tmp_path / "x.ckpt")
+    assert pipe.unet is unet
