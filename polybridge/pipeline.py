@@ -41,16 +41,51 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DiffusionPipeline,
+    MultiControlNetModel,
+    UNet2DConditionModel,
+)
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import BaseOutput
+from diffusers.loaders import (
+    FromSingleFileMixin,
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import (
+    USE_PEFT_BACKEND,
+    BaseOutput,
+    scale_lora_layers,
+    unscale_lora_layers,
+)
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from polybridge.backbones import Backbone, BackboneError, family_of_unet, get_family, load_backbone
+from polybridge.backbones import (
+    Backbone,
+    BackboneError,
+    family_of_unet,
+    get_family,
+    load_backbone,
+)
 from polybridge.branches import Branch, get_branch_class, load_branch
 from polybridge.conditioning import Conditioning, compose, concat
 from polybridge.encoders import NativeEncoder, load_encoder
-from polybridge.errors import PolyBridgeFileNotFoundError, PolyBridgeTypeError, PolyBridgeValueError
+from polybridge.errors import (
+    PolyBridgeFileNotFoundError,
+    PolyBridgeTypeError,
+    PolyBridgeValueError,
+)
+from polybridge.plugins import controlnet as cn
+from polybridge.plugins import lora as row_lora
+from polybridge.plugins.loaders import CheckedLoaders
 from polybridge.registry import LanguageEntry, Registry, RegistryError, load_registry
 from polybridge.router import RoutePlan, Router
 
@@ -108,6 +143,23 @@ class _Row:
 
 
 @dataclass
+class _Run:
+    """One call's options that the denoising loop reads (beyond the conditioning)."""
+
+    guidance_scale: float
+    do_cfg: bool
+    generator: Any = None
+    eta: float = 0.0
+    guidance_rescale: float = 0.0
+    cross_attention_kwargs: dict[str, Any] | None = None
+    clip_skip: int | None = None
+    callback: Any = None
+    callback_inputs: tuple[str, ...] = ("latents",)
+    control: cn.ControlSource | None = None
+    backbone: Conditioning | None = None  # the backbone's own prompt encoding: what a ControlNet reads
+
+
+@dataclass
 class _BranchRows:
     code: str
     rows: torch.Tensor | None  # indices into the (CFG-doubled) batch; None: every row
@@ -116,8 +168,12 @@ class _BranchRows:
     scale: float
 
 
-class PolyBridgePipeline(DiffusionPipeline):
+class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraLoaderMixin,
+                         TextualInversionLoaderMixin, FromSingleFileMixin):
     """Text-to-image with one frozen English backbone and native-language branches.
+
+    diffusers' loader mixins (LoRA, Textual Inversion, single file) act on the backbone only; a ``controlnet``
+    component (``ControlNetModel`` / ``MultiControlNetModel``) conditions every row beside the branches.
 
     Build it with :meth:`from_registry`, or from components and :meth:`add_language`::
 
@@ -126,12 +182,17 @@ class PolyBridgePipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["encoders", "branches", "text_encoder_2", "tokenizer_2"]
+    _optional_components = ["encoders", "branches", "text_encoder_2", "tokenizer_2", "controlnet"]  # noqa: RUF012
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]  # noqa: RUF012 (diffusers' own)
 
-    def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any,
-                 encoders: LanguageModules | None = None, branches: LanguageModules | None = None,
-                 backbone_language: str = "en", text_encoder_2: Any = None, tokenizer_2: Any = None):
+    def __init__(self, vae: AutoencoderKL, text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 unet: UNet2DConditionModel, scheduler: SchedulerMixin, encoders: LanguageModules | None = None,
+                 branches: LanguageModules | None = None, backbone_language: str = "en",
+                 text_encoder_2: PreTrainedModel | None = None, tokenizer_2: PreTrainedTokenizerBase | None = None,
+                 controlnet: ControlNetModel | MultiControlNetModel | None = None):
         super().__init__()
+        if controlnet is not None:
+            controlnet = self._fitting_controlnet(controlnet, unet)
         family = family_of_unet(unet)
         if family is None:
             raise BackboneError("PolyBridgePipeline: the UNet belongs to no known backbone family (its config has "
@@ -144,11 +205,12 @@ class PolyBridgePipeline(DiffusionPipeline):
             raise BackboneError(f"PolyBridgePipeline: an {family} backbone needs {', '.join(missing)}")
         # SDXL's second text side; None on the other families (as diffusers' optional components are)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              encoders=LanguageModules(), branches=LanguageModules(), **given)
+                              encoders=LanguageModules(), branches=LanguageModules(), controlnet=controlnet, **given)
         self.register_to_config(backbone_language=backbone_language)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.registry: Registry | None = None
+        self.backbone_name: str | None = None  # the registry backbone, when built from a registry
         self._base_router: Router | None = None  # given, or built from the registry on first use
         self._router: Router | None = None  # the base router with this pipeline's loaded languages as targets
         self._languages: dict[str, LoadedLanguage] = {backbone_language: LoadedLanguage(backbone_language, "backbone")}
@@ -183,6 +245,7 @@ class PolyBridgePipeline(DiffusionPipeline):
             registry.language(code)  # unknown codes: RegistryError listing the valid ones
         pipe = cls(**bb.components(), backbone_language=bb.language)
         pipe.registry = registry
+        pipe.backbone_name = bb.name  # the registry backbone it runs (plugins name the one they fit)
         for code in dict.fromkeys(codes):
             entry = registry.language(code)
             if code == bb.language or entry.is_backbone_language:
@@ -258,13 +321,60 @@ class PolyBridgePipeline(DiffusionPipeline):
         return self.unet.dtype
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> PolyBridgePipeline:
-        raise NotImplementedError("PolyBridgePipeline is built from a registry: use PolyBridgePipeline.from_registry(); "
-                                  "a branch alone loads with polybridge.branches.Branch.from_pretrained()")
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> PolyBridgePipeline:
+        """A pipeline :meth:`save_pretrained` wrote (rebuilt offline, every language with it; ``languages=``,
+        ``torch_dtype=``, ``device=`` as :meth:`from_registry`), or a diffusers-format backbone with no languages."""
+        from polybridge.saving import load_pipeline
 
-    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("a PolyBridgePipeline is not saved as a whole: save each branch with "
-                                  "branch.save_pretrained(dir) and point its registry entry at it")
+        return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | Path, family: str = "sd",
+                         **kwargs: Any) -> PolyBridgePipeline:
+        """A backbone from one ``.safetensors`` checkpoint, read by the ``family``'s diffusers pipeline
+        (``config=``: a diffusers folder of the same architecture, so nothing is fetched); no languages yet."""
+        import diffusers
+
+        if Path(pretrained_model_link_or_path).suffix != ".safetensors":
+            raise PolyBridgeValueError(f"{pretrained_model_link_or_path}: a single-file checkpoint must be "
+                                       ".safetensors (polybridge never unpickles)")
+        pipeline_cls = getattr(diffusers, get_family(family).diffusers_pipeline)
+        return cls.from_pipe(pipeline_cls.from_single_file(str(pretrained_model_link_or_path), **kwargs))
+
+    def save_pretrained(self, save_directory: str | Path, overwrite: bool = False, **kwargs: Any) -> None:
+        """Write the whole pipeline (backbone, encoders, tokenizers, branches, the languages' entries) as a
+        self-contained registry folder (:mod:`polybridge.saving`); :meth:`from_pretrained` reads it back."""
+        from polybridge.saving import save_pipeline
+
+        unknown = set(kwargs) - {"safe_serialization"}
+        if unknown or kwargs.get("safe_serialization", True) is False:
+            raise PolyBridgeValueError(f"save_pretrained: unsupported argument(s) {sorted(unknown or kwargs)}; "
+                                       "polybridge saves safetensors only")
+        save_pipeline(self, save_directory, overwrite=overwrite)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """diffusers' model offload, with every native encoder and branch hooked too (each moves to the accelerator
+        when it runs and back when the next model does)."""
+        from accelerate import cpu_offload_with_hook
+
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        for module in [*self.encoders.values(), *self.branches.values()]:
+            _, hook = cpu_offload_with_hook(module, self._offload_device)
+            self._all_hooks.append(hook)
+
+    def swap_backbone(self, source: Backbone | str | Path, *, variant: str | None = None,
+                      torch_dtype: torch.dtype | None = None, config: str | Path | None = None) -> None:
+        """Replace the backbone by another checkpoint of the same architecture (a loaded
+        :class:`~polybridge.backbones.Backbone`, a diffusers folder or hub id with an optional ``variant``, or a
+        single ``.safetensors`` file read with ``config``), keeping every language's branch. Another architecture
+        is refused and the pipeline stays as it was (:mod:`polybridge.plugins.checkpoint`)."""
+        from polybridge.plugins.checkpoint import check_swap, components_of
+
+        parts, what = components_of(source, self, variant=variant, torch_dtype=torch_dtype, config=config)
+        check_swap(self, parts, what)
+        self.register_modules(**parts)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # ------------------------------------------------------------------ routing
 
@@ -346,11 +456,20 @@ class PolyBridgePipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ generation
 
-    def _encode_backbone(self, texts: list[str], device: torch.device,
-                         optional: list[bool] | None = None) -> Conditioning:
+    def _encode_backbone(self, texts: list[str], device: torch.device, optional: list[bool] | None = None,
+                         clip_skip: int | None = None, lora_scale: float | None = None) -> Conditioning:
         """The backbone's conditioning for ``texts``: its family's prompt encoding, the same computation as its
-        diffusers pipeline's ``encode_prompt``, so the backbone side is bit-identical."""
-        return self.family.encode_prompt(self, texts, device, optional=optional)
+        diffusers pipeline's ``encode_prompt`` (Textual Inversion tokens expanded, ``clip_skip``, the LoRA scale on
+        the text encoders), so the backbone side is bit-identical."""
+        encoders = [getattr(self, name) for name, _ in self.family.text_encoders]
+        scaled = lora_scale is not None and USE_PEFT_BACKEND
+        for encoder in encoders if scaled else ():
+            scale_lora_layers(encoder, lora_scale)
+        try:
+            return self.family.encode_prompt(self, texts, device, optional=optional, clip_skip=clip_skip)
+        finally:
+            for encoder in encoders if scaled else ():
+                unscale_lora_layers(encoder, lora_scale)
 
     def _branch_inputs(self, rows: list[_Row], do_cfg: bool, branch_scale: float | None,
                        device: torch.device) -> list[_BranchRows]:
@@ -373,21 +492,53 @@ class PolyBridgePipeline(DiffusionPipeline):
                 mask=None if mask is None else mask.to(device), scale=float(scale)))
         return items
 
-    def _call_conditioning(self, rows: list[_Row], items: list[_BranchRows], do_cfg: bool, height: int, width: int,
-                           device: torch.device) -> Conditioning:
-        """What stays the same at every step, composed: the branches that do not depend on the step (their contexts
-        first), the backbone's prompt encoding (its English text; CFG's negative half first), its size conditioning."""
+    def _given_embeds(self, embeds: dict[str, torch.Tensor | None], prefix: str,
+                      device: torch.device) -> Conditioning:
+        """The caller's ``{prefix}prompt_embeds`` (and on SDXL ``{prefix}pooled_prompt_embeds``) as the backbone's
+        conditioning, as diffusers' pipelines take them."""
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        added = {}
+        if self.family.name == "sdxl":
+            pooled = embeds.get(f"{prefix}pooled_prompt_embeds")
+            if pooled is None:
+                raise PolyBridgeValueError(f"{prefix}prompt_embeds on an sdxl backbone needs "
+                                           f"{prefix}pooled_prompt_embeds too (as StableDiffusionXLPipeline)")
+            added = {"text_embeds": pooled.to(device=device, dtype=dtype)}
+        return Conditioning(context=embeds[f"{prefix}prompt_embeds"].to(device=device, dtype=dtype), added=added)
+
+    def _backbone_conditioning(self, rows: list[_Row], run: _Run, device: torch.device,
+                               embeds: dict[str, torch.Tensor | None]) -> Conditioning:
+        """The backbone's own encoding of every row (CFG's negative half first); ``embeds``: the caller's
+        ``prompt_embeds`` / ``negative_prompt_embeds`` (and pooled ones) in place of the English texts' encoding."""
+        lora_scale = (run.cross_attention_kwargs or {}).get("scale")
         texts = [row.backbone for row in rows]
-        backbone = self._encode_backbone(texts, device)
-        if do_cfg:  # a negative row keeps the backbone's states where its positive row does
-            negative = self._encode_backbone([row.backbone_negative for row in rows], device,
-                                             optional=[not text for text in texts])
-            backbone = concat([negative, backbone])
+        given = embeds.get("prompt_embeds") is not None
+        if given:
+            backbone = self._given_embeds(embeds, "", device)
+        else:
+            backbone = self._encode_backbone(texts, device, clip_skip=run.clip_skip, lora_scale=lora_scale)
+        if not run.do_cfg:
+            return backbone
+        if embeds.get("negative_prompt_embeds") is not None:
+            negative = self._given_embeds(embeds, "negative_", device)
+        else:  # a negative row keeps the backbone's states where its positive row does
+            optional = [not text for text in texts] if not given else [False] * len(rows)
+            negative = self._encode_backbone([row.backbone_negative for row in rows], device, optional=optional,
+                                             clip_skip=run.clip_skip, lora_scale=lora_scale)
+        return concat([negative, backbone])
+
+    def _call_conditioning(self, rows: list[_Row], items: list[_BranchRows], run: _Run, height: int, width: int,
+                           device: torch.device, embeds: dict[str, Any] | None = None) -> Conditioning:
+        """What stays the same at every step, composed: the branches that do not depend on the step (their contexts
+        first), the backbone's prompt encoding (its English text; CFG's negative half first), its size conditioning.
+        The backbone's own encoding is kept in ``run.backbone`` (a ControlNet reads it)."""
+        backbone = self._backbone_conditioning(rows, run, device, embeds or {})
         dtype = backbone.context.dtype
         parts = [self.branches[item.code].condition(item.states, item.mask, scale=item.scale, rows=item.rows).to(dtype)
                  for item in items if not self.branches[item.code].step_dependent]
-        total = len(rows) * (2 if do_cfg else 1)
+        total = len(rows) * (2 if run.do_cfg else 1)
         size = self.family.size_conditioning(self, total, height, width, device, dtype)
+        run.backbone = compose([backbone, size], total)
         return compose([*parts, backbone, size], total)
 
     def _step_conditioning(self, base: Conditioning, sample: torch.Tensor, t: torch.Tensor,
@@ -405,6 +556,14 @@ class PolyBridgePipeline(DiffusionPipeline):
             parts.append(cond.to(self.unet.dtype))
         return base if len(parts) == 1 else compose(parts, sample.shape[0])
 
+    def _control_conditioning(self, conditioning: Conditioning, sample: torch.Tensor, t: torch.Tensor, step: int,
+                              run: _Run) -> Conditioning:
+        """``conditioning`` plus the ControlNet's residuals for this step (it reads the backbone's own text states of
+        every row), composed as one more source."""
+        if run.control is None:
+            return conditioning
+        control = run.control.condition(sample, t, step, run.backbone, dict(run.backbone.added) or None)
+        return compose([conditioning, control], sample.shape[0])
     def _check_call(self, prompt: Any, num_inference_steps: Any, guidance_scale: Any, branch_scale: Any,
                     num_images_per_prompt: Any, output_type: str, height: int | None,
                     width: int | None) -> tuple[list[str], int, int]:
@@ -440,26 +599,34 @@ class PolyBridgePipeline(DiffusionPipeline):
                          limits.MAX_IMAGES)
         return prompts, height, width
 
-    def _denoise(self, latents: torch.Tensor, base: Conditioning, items: list[_BranchRows], guidance_scale: float,
-                 do_cfg: bool, generator: Any) -> torch.Tensor:
+    def _denoise(self, latents: torch.Tensor, base: Conditioning, items: list[_BranchRows], run: _Run,
+                 timesteps: torch.Tensor) -> torch.Tensor:
         """The scheduler loop: one backbone UNet call per step for the whole (CFG-doubled) batch."""
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         step_kwargs: dict[str, Any] = {}
         if "eta" in step_params:
-            step_kwargs["eta"] = 0.0
+            step_kwargs["eta"] = run.eta
         if "generator" in step_params:
-            step_kwargs["generator"] = generator
-        timesteps = self.scheduler.timesteps
+            step_kwargs["generator"] = run.generator
+        extra = {"cross_attention_kwargs": run.cross_attention_kwargs} if run.cross_attention_kwargs else {}
+        self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents] * 2) if run.do_cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 conditioning = self._step_conditioning(base, model_input, t, items)
-                noise = self.family.unet_call(self.unet, model_input, t, conditioning)
-                if do_cfg:
+                conditioning = self._control_conditioning(conditioning, model_input, t, i, run)
+                noise = self.family.unet_call(self.unet, model_input, t, conditioning, **extra)
+                if run.do_cfg:
                     noise_uncond, noise_text = noise.chunk(2)
-                    noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                    noise = noise_uncond + run.guidance_scale * (noise_text - noise_uncond)
+                    if run.guidance_rescale > 0.0:
+                        noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=run.guidance_rescale)
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                if run.callback is not None:
+                    latents, base = self._on_step_end(run, i, t, latents, base)
                 progress.update()
         if not torch.isfinite(latents).all():
             raise PolyBridgeValueError("generation produced non-finite latents (NaN or inf): a branch's weights or "
@@ -467,10 +634,116 @@ class PolyBridgePipeline(DiffusionPipeline):
                                        "validate` and the branch weights")
         return latents
 
+    def _on_step_end(self, run: _Run, i: int, t: torch.Tensor, latents: torch.Tensor,
+                     base: Conditioning) -> tuple[torch.Tensor, Conditioning]:
+        """``callback_on_step_end``: it sees ``latents`` and the composed text states (``prompt_embeds``; CFG's
+        negative half as ``negative_prompt_embeds``) and may replace them, as in diffusers' pipelines."""
+        context = base.context
+        negative = context.chunk(2)[0] if run.do_cfg else None
+        values = {"latents": latents, "prompt_embeds": context, "negative_prompt_embeds": negative}
+        out = run.callback(self, i, t, {k: values[k] for k in run.callback_inputs}) or {}
+        latents = out.get("latents", latents)
+        context = out.get("prompt_embeds", context)
+        if "negative_prompt_embeds" in out and run.do_cfg:
+            context = torch.cat([out["negative_prompt_embeds"], context.chunk(2)[1]])
+        if context is not base.context:
+            base = Conditioning(context=context, context_mask=base.context_mask, added=base.added, down=base.down,
+                                mid=base.mid)
+        return latents, base
+
+    # ------------------------------------------------------------------ what a call sets (as diffusers' pipelines)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def clip_skip(self) -> int | None:
+        return self._clip_skip
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._do_cfg
+
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return self._cross_attention_kwargs
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    def _start_run(self, guidance_scale: float, generator: Any, options: dict[str, Any]) -> _Run:
+        """The call's :class:`_Run`, its options checked and published as the pipeline's properties."""
+        inputs = tuple(options.get("callback_on_step_end_tensor_inputs") or ("latents",))
+        unknown = [k for k in inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise PolyBridgeValueError(f"callback_on_step_end_tensor_inputs: {unknown} are not available; valid: "
+                                       f"{', '.join(self._callback_tensor_inputs)}")
+        do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+        run = _Run(guidance_scale=guidance_scale, do_cfg=do_cfg, generator=generator, eta=options.get("eta", 0.0),
+                   guidance_rescale=options.get("guidance_rescale", 0.0),
+                   cross_attention_kwargs=options.get("cross_attention_kwargs"), clip_skip=options.get("clip_skip"),
+                   callback=options.get("callback_on_step_end"), callback_inputs=inputs)
+        self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, run.guidance_rescale, run.clip_skip
+        self._cross_attention_kwargs, self._do_cfg, self._interrupt = run.cross_attention_kwargs, do_cfg, False
+        self._num_timesteps = 0
+        return run
+
+    def _initial_latents(self, latents: torch.Tensor | None, shape: tuple[int, ...], generator: Any,
+                         device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise PolyBridgeValueError(f"latents: shape {tuple(latents.shape)}, but this call needs {shape} "
+                                       "(images x latent channels x height / 8 x width / 8)")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    # ------------------------------------------------------------------ ControlNet
+
+    @staticmethod
+    def _fitting_controlnet(controlnet: Any, unet: Any) -> Any:
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(list(controlnet))
+        cn.check_fits(controlnet, unet)
+        return controlnet
+
+    def set_controlnet(self, controlnet: Any) -> None:
+        """Use ``controlnet`` (a ``ControlNetModel``, a ``MultiControlNetModel`` or a list; ``None``: none) beside
+        the branches. One made for another architecture is refused and the pipeline keeps its ControlNet."""
+        if controlnet is not None:
+            controlnet = self._fitting_controlnet(controlnet, self.unet)
+        self.register_modules(controlnet=controlnet)
+
+    def _prepare_control(self, image: Any, options: dict[str, Any], run: _Run, batch: int, per_prompt: int,
+                         size: tuple[int, int], steps: int, device: torch.device) -> cn.ControlSource | None:
+        if image is None and self.controlnet is None:
+            return None
+        if self.controlnet is None:
+            raise PolyBridgeValueError("image= is the ControlNet's hint, but this pipeline has no ControlNet; "
+                                       "build it with controlnet= or call pipe.set_controlnet(...)")
+        if image is None:
+            raise PolyBridgeValueError("this pipeline has a ControlNet: give its hint image with image=")
+        return cn.ControlSource.prepare(
+            self.controlnet, image, batch=batch, per_prompt=per_prompt, height=size[0], width=size[1],
+            do_cfg=run.do_cfg, scale=options.get("controlnet_conditioning_scale", 1.0),
+            start=options.get("control_guidance_start", 0.0), end=options.get("control_guidance_end", 1.0),
+            steps=steps, device=device, dtype=self.controlnet.dtype, vae_scale_factor=self.vae_scale_factor)
+
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         language: str | None = None,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 25,
@@ -483,6 +756,14 @@ class PolyBridgePipeline(DiffusionPipeline):
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         return_dict: bool = True,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        image: Any = None,
+        lora_adapters: list[str | None] | None = None,
+        **options: Any,
     ) -> PolyBridgePipelineOutput | tuple:
         """Generate images for ``prompt`` (one string or a list: one batch) written in ``language``; with
         ``language=None`` the router decides for each prompt (and splits mixed prompts into spans).
@@ -491,7 +772,21 @@ class PolyBridgePipeline(DiffusionPipeline):
         ``english_prompt`` is what the backbone's text encoder reads alongside a native prompt (``""``: the branch
         alone carries the meaning; an English text mixes its meaning in, as in BDM; with ``language=None`` it is
         appended to the routed English text). ``branch_scale`` overrides the entry's ``branch.scale``.
+
+        As ``StableDiffusionPipeline``: ``timesteps`` / ``sigmas``, ``latents``, ``prompt_embeds`` /
+        ``negative_prompt_embeds`` (the backbone's English side, one per prompt; on SDXL with
+        ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds`` in ``options``), and in ``options``: ``eta``,
+        ``guidance_rescale``, ``cross_attention_kwargs`` (``{"scale": s}``: the LoRA scale), ``clip_skip``,
+        ``callback_on_step_end`` with ``callback_on_step_end_tensor_inputs``. As
+        ``StableDiffusionControlNetPipeline``: ``image`` (the hint), and in ``options``:
+        ``controlnet_conditioning_scale``, ``control_guidance_start`` / ``_end``. ``lora_adapters``: one LoRA
+        adapter name (or ``None``) per prompt, all in one denoising loop (:mod:`polybridge.plugins.lora`).
         """
+        options = _check_options(options)
+        if prompt is None and prompt_embeds is not None:
+            prompt, language = [""] * prompt_embeds.shape[0], language or self.config.backbone_language
+        if image is not None and height is None and width is None:
+            height, width = cn.hint_size(image)
         prompts, height, width = self._check_call(prompt, num_inference_steps, guidance_scale, branch_scale,
                                                   num_images_per_prompt, output_type, height, width)
         negatives = _broadcast("" if negative_prompt is None else negative_prompt, len(prompts), "negative_prompt")
@@ -502,17 +797,30 @@ class PolyBridgePipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch:
             raise PolyBridgeValueError(f"generator: {len(generator)} generators for {batch} images "
                              f"({batch // n} prompts x num_images_per_prompt {n}); give one per image or a single one")
-
-        do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+        given = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+                 **{k: options.get(k) for k in POOLED_EMBEDS}}
+        embeds = {k: _per_image(v, len(prompts), n, k) for k, v in given.items() if v is not None}
+        run = self._start_run(guidance_scale, generator, options)
         device = self._execution_device
-        items = self._branch_inputs(rows, do_cfg, branch_scale, device)
-        base = self._call_conditioning(rows, items, do_cfg, height, width, device)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self._timesteps(num_inference_steps, device, timesteps, sigmas)
+        run.control = self._prepare_control(image, options, run, batch, n, (height, width), len(timesteps), device)
+        items = self._branch_inputs(rows, run.do_cfg, branch_scale, device)
+        base = self._call_conditioning(rows, items, run, height, width, device, embeds)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=base.context.dtype)
-        latents = self._denoise(latents * self.scheduler.init_noise_sigma, base, items, guidance_scale, do_cfg,
-                                generator)
+        latents = self._initial_latents(latents, shape, generator, device, base.context.dtype)
+        with row_lora.per_row_adapters(self.unet, lora_adapters, len(prompts), n, run.do_cfg):
+            latents = self._denoise(latents, base, items, run, timesteps)
+        return self._finish(latents, rows, output_type, generator, return_dict, language)
+
+    def _timesteps(self, steps: int, device: torch.device, timesteps: Any, sigmas: Any) -> torch.Tensor:
+        """The scheduler's timesteps: ``steps`` of its own spacing, or the given ``timesteps`` / ``sigmas``."""
+        try:
+            return retrieve_timesteps(self.scheduler, steps, device, timesteps, sigmas)[0]
+        except ValueError as exc:
+            raise PolyBridgeValueError(f"timesteps / sigmas: {exc}") from None
+
+    def _finish(self, latents: torch.Tensor, rows: list[_Row], output_type: str, generator: Any, return_dict: bool,
+                language: str | None) -> PolyBridgePipelineOutput | tuple:
         if output_type == "latent":
             images: Any = latents
         else:
@@ -527,6 +835,29 @@ class PolyBridgePipeline(DiffusionPipeline):
                                         plans=None if language is not None else [row.plan for row in rows])
 
 
+#: Keyword arguments of ``__call__`` beyond its named ones (diffusers' own meanings).
+CALL_OPTIONS = ("eta", "guidance_rescale", "cross_attention_kwargs", "clip_skip", "callback_on_step_end",
+                "callback_on_step_end_tensor_inputs", "controlnet_conditioning_scale", "control_guidance_start",
+                "control_guidance_end", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+#: SDXL's pooled text embeddings, given beside ``prompt_embeds`` as to ``StableDiffusionXLPipeline``.
+POOLED_EMBEDS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = [k for k in options if k not in CALL_OPTIONS]
+    if unknown:
+        raise PolyBridgeTypeError(f"PolyBridgePipeline.__call__ got unexpected keyword argument(s) "
+                                  f"{', '.join(map(repr, unknown))}; besides its named ones it takes "
+                                  f"{', '.join(CALL_OPTIONS)}")
+    return options
+
+
+def _per_image(embeds: torch.Tensor, prompts: int, n: int, name: str) -> torch.Tensor:
+    rank = 2 if "pooled" in name else 3
+    if embeds.ndim != rank or embeds.shape[0] != prompts:
+        raise PolyBridgeValueError(f"{name}: shape {tuple(embeds.shape)}, expected ({prompts}, "
+                                   f"{'width' if rank == 2 else 'tokens, width'}): one per prompt")
+    return embeds.repeat_interleave(n, dim=0)
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -298,6 +298,22 @@ class BackboneSpec:
     language: str = "en"
     description: str = ""
     revision: str | None = None
+    variant: str | None = None  # e.g. fp16: the weights files named ``*.fp16.safetensors``
+    name: str = _derived("")
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A plugin made for one of the registry's backbones, in a stock diffusers format (:mod:`polybridge.plugins`)."""
+
+    kind: Literal["lora", "controlnet", "textual_inversion", "checkpoint"]
+    source: str  # a folder, a file (.safetensors) or a hub id
+    backbone: str | None = None  # the backbone it was made for (default: default_backbone)
+    weight_name: str | None = None  # the weights file inside a folder source
+    token: str | None = None  # textual_inversion: the token it adds
+    scale: float = 1.0  # lora: the adapter's weight
+    variant: str | None = None  # checkpoint: e.g. fp16
+    description: str = ""
     name: str = _derived("")
 
 
@@ -311,6 +327,7 @@ class RegistrySpec:
     fallback_language: str = "en"
     detection_threshold: float = 0.5
     version: int = 1
+    plugins: dict[str, PluginSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -324,6 +341,19 @@ class Registry:
     languages: Mapping[str, LanguageEntry]
     fallback_language: str
     detection_threshold: float
+    plugins: Mapping[str, PluginSpec] = field(default_factory=lambda: types.MappingProxyType({}))
+
+    def plugin(self, name: str, kind: str | None = None) -> PluginSpec:
+        """The plugin ``name`` (of ``kind``, when given); unknown: a RegistryError listing those that would fit."""
+        valid = [n for n, p in self.plugins.items() if kind is None or p.kind == kind]
+        if name not in valid:
+            what = f"{kind} plugin" if kind else "plugin"
+            raise RegistryError(self.file, "plugins", f"unknown {what} {name!r}{_suggest(name, valid)}",
+                                valid=valid or ["(none listed)"])
+        return self.plugins[name]
+
+    def plugin_source(self, name: str) -> Path | str:
+        return resolve_source(self.plugins[name].source, self.root)
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -831,6 +861,13 @@ def load_registry(path: str | Path | None = None) -> Registry:
                             valid=languages)
     if not 0.0 <= spec.detection_threshold <= 1.0:
         raise RegistryError(file, "detection_threshold", f"must be in [0, 1], got {spec.detection_threshold}")
+    plugins = {}
+    for name, plugin in spec.plugins.items():
+        _check_source(plugin.source, file, f"plugins.{name}.source", must_exist=False)
+        if (plugin.backbone or spec.default_backbone) not in backbones:
+            raise RegistryError(file, f"plugins.{name}.backbone", f"{plugin.backbone!r} is not a listed backbone",
+                                valid=backbones)
+        plugins[name] = dataclasses.replace(plugin, name=name, backbone=plugin.backbone or spec.default_backbone)
     return Registry(
         root=root,
         file=file,
@@ -839,6 +876,7 @@ def load_registry(path: str | Path | None = None) -> Registry:
         languages=types.MappingProxyType(languages),
         fallback_language=spec.fallback_language,
         detection_threshold=spec.detection_threshold,
+        plugins=types.MappingProxyType(plugins),
     )
 
 

@@ -183,7 +183,7 @@ def test_to_moves_languages(components):
     assert p.encoders["zh"].dtype == torch.float64 and p.branches["zh"].dtype == torch.float64
     assert p.dtype == torch.float64
     assert set(p.components) == {"vae", "text_encoder", "tokenizer", "unet", "scheduler", "encoders", "branches",
-                                 "text_encoder_2", "tokenizer_2"}
+                                 "text_encoder_2", "tokenizer_2", "controlnet"}
     assert p.text_encoder_2 is None and p.tokenizer_2 is None  # SDXL's second text side, absent on an sd backbone
 
 

@@ -204,9 +204,9 @@ class BackboneFamily:
 
     @classmethod
     def encode_prompt(cls, components: Any, texts: list[str], device: torch.device,
-                      optional: list[bool] | None = None) -> Conditioning:
+                      optional: list[bool] | None = None, clip_skip: int | None = None) -> Conditioning:
         """The backbone's conditioning for ``texts`` (one row each), as the family's diffusers pipeline encodes a
-        prompt. ``components`` has the family's text encoders and tokenizers as attributes (a pipeline or a
+        prompt (``clip_skip``: layers skipped from the end, as there). ``components`` has the family's text encoders and tokenizers as attributes (a pipeline or a
         :class:`Backbone`). ``optional`` (default: the rows whose text is ``""``) marks rows whose context is a
         default that a branch's context replaces (:mod:`polybridge.conditioning`)."""
         raise NotImplementedError
@@ -218,9 +218,11 @@ class BackboneFamily:
         return None
 
     @classmethod
-    def unet_call(cls, unet: Any, sample: torch.Tensor, timestep: Any, conditioning: Conditioning) -> torch.Tensor:
-        """The UNet's noise prediction for a full-batch (composed) conditioning."""
-        return unet(sample, timestep, **conditioning.unet_kwargs(), return_dict=False)[0]
+    def unet_call(cls, unet: Any, sample: torch.Tensor, timestep: Any, conditioning: Conditioning,
+                  **extra: Any) -> torch.Tensor:
+        """The UNet's noise prediction for a full-batch (composed) conditioning; ``extra``: further UNet keyword
+        arguments (``cross_attention_kwargs``)."""
+        return unet(sample, timestep, **conditioning.unet_kwargs(), **extra, return_dict=False)[0]
 
     @classmethod
     def check_unet(cls, unet: Any, where: str) -> None:
@@ -282,7 +284,7 @@ def load_backbone(registry: Registry | str | Path | None = None, name: str | Non
 
     def _diffusers_model(cls: type, sub: str) -> Any:
         model, info = cls.from_pretrained(where, subfolder=sub, torch_dtype=torch_dtype, use_safetensors=True,
-                                          output_loading_info=True, **common)
+                                          output_loading_info=True, variant=spec.variant, **common)
         _raise_on_missing_weights(cls.__name__, f"{where}/{sub}", info)
         return freeze(model)
 
@@ -292,7 +294,8 @@ def load_backbone(registry: Registry | str | Path | None = None, name: str | Non
     text_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     for sub, cls_name in family.text_encoders:
         model, info = getattr(transformers, cls_name).from_pretrained(
-            where, subfolder=sub, use_safetensors=True, output_loading_info=True, **text_kwargs, **common)
+            where, subfolder=sub, use_safetensors=True, output_loading_info=True, variant=spec.variant, **text_kwargs,
+            **common)
         _raise_on_missing_weights(cls_name, f"{where}/{sub}", info)
         parts[sub] = freeze(model)
     for sub, cls_name in family.tokenizers:

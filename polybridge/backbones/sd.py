@@ -12,16 +12,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from diffusers.loaders import TextualInversionLoaderMixin
 
 from polybridge.backbones.base import BackboneFamily
 from polybridge.conditioning import Conditioning
 
 
 def encode_clip(tokenizer: Any, text_encoder: Any, texts: list[str], device: torch.device,
-                hidden_state: int | None = None) -> Any:
+                hidden_state: int | None = None, components: Any = None) -> Any:
     """One CLIP text encoder's output for ``texts``, tokenized as diffusers' Stable Diffusion pipelines do (padded to
     ``model_max_length``; a longer prompt is truncated, with a warning). ``hidden_state``: also return all hidden
-    states (SDXL reads the penultimate one)."""
+    states (SDXL reads the penultimate one). When ``components`` is a pipeline with Textual Inversion loaded, its
+    multi-vector tokens are expanded first (``maybe_convert_prompt``), as diffusers' pipelines do."""
+    if isinstance(components, TextualInversionLoaderMixin):
+        texts = components.maybe_convert_prompt(texts, tokenizer)
     inputs = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                        return_tensors="pt")
     full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
@@ -52,7 +56,13 @@ class SDFamily(BackboneFamily):
 
     @classmethod
     def encode_prompt(cls, components: Any, texts: list[str], device: torch.device,
-                      optional: list[bool] | None = None) -> Conditioning:
-        embeds = encode_clip(components.tokenizer, components.text_encoder, list(texts), device)[0]
+                      optional: list[bool] | None = None, clip_skip: int | None = None) -> Conditioning:
+        out = encode_clip(components.tokenizer, components.text_encoder, list(texts), device,
+                          hidden_state=None if clip_skip is None else -(clip_skip + 1), components=components)
+        if clip_skip is None:
+            embeds = out[0]
+        else:  # the skipped-to layer through the final LayerNorm, as diffusers does (transformers 5 drops text_model)
+            encoder = components.text_encoder
+            embeds = getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[-(clip_skip + 1)])
         embeds = embeds.to(dtype=components.text_encoder.dtype, device=device)
         return Conditioning(context=embeds, optional=_optional(texts, optional, device))

@@ -37,14 +37,15 @@ class SDXLFamily(BackboneFamily):
 
     @classmethod
     def encode_prompt(cls, components: Any, texts: list[str], device: torch.device,
-                      optional: list[bool] | None = None) -> Conditioning:
+                      optional: list[bool] | None = None, clip_skip: int | None = None) -> Conditioning:
         states, pooled = [], None
+        layer = -2 if clip_skip is None else -(clip_skip + 2)
         for (enc_name, _), (tok_name, _) in zip(cls.text_encoders, cls.tokenizers, strict=True):
             out = encode_clip(getattr(components, tok_name), getattr(components, enc_name), list(texts), device,
-                              hidden_state=-2)
+                              hidden_state=layer, components=components)
             if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection: the projected pooled output
                 pooled = out[0]
-            states.append(out.hidden_states[-2])
+            states.append(out.hidden_states[layer])
         if pooled is None:
             raise BackboneError("sdxl: no text encoder gives a pooled embedding (text_encoder_2 must be a "
                                 "CLIPTextModelWithProjection)")

@@ -51,7 +51,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
               "fallback": (untrained_codes.get(args.lang) if args.lang else untrained_codes) if untrained else None,
               "routes": None if plans is None else [p.to_dict() for p in plans],
               "seed": args.seed, "steps": args.steps, "guidance_scale": args.guidance, "negative_prompt": args.negative,
-              "english_prompt": args.english_prompt, "size": size, "backbone": reg.default_backbone,
+              "english_prompt": args.english_prompt, "size": size,
+              "backbone": args.backbone or reg.default_backbone, **_plugins_record(args),
               "written": written, "seconds": round(time.time() - started, 2)}
     if args.json:
         print_json(record)
@@ -75,6 +76,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
                            f"got {args.guidance}")
     if args.file is None:
         check_grid(args.n, args.size, args.upscale)
+    if bool(args.image) != bool(args.controlnet):
+        raise CommandError("--controlnet NAME needs --image HINT.png (one per ControlNet), and --image needs "
+                           "--controlnet")
 
 
 def _languages_needed(args: argparse.Namespace, reg: Any, prompts: list[str]) -> tuple[list[str], list | None]:
@@ -130,12 +134,14 @@ def _draw(args: argparse.Namespace, pipeline_cls: Any, reg: Any, needed: list[st
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notice above says it once, plainly
-        pipe = pipeline_cls.from_registry(reg, languages=needed)
+        pipe = _with_plugins(args, pipeline_cls, reg, needed)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(language=args.lang, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   negative_prompt=args.negative, height=args.size, width=args.size)
     if args.branch_scale is not None:
         kwargs["branch_scale"] = args.branch_scale
+    if args.image:
+        kwargs["image"] = _hints(args.image)
     if args.english_prompt and args.lang != reg.backbone().language:  # routed prompts: appended to their English
         kwargs["english_prompt"] = args.english_prompt
     images = []
@@ -160,13 +166,47 @@ def _resume_key(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
     return {"prompts": prompts, **{k: v for k, v in vars(args).items() if k not in skip and not callable(v)}}
 
 
+def _with_plugins(args: argparse.Namespace, pipeline_cls: Any, reg: Any, needed: list[str]) -> Any:
+    """The pipeline on ``--backbone`` (a registry backbone, or a checkpoint plugin on the default one), with the
+    ``--ti``, ``--lora`` and ``--controlnet`` plugins loaded."""
+    from polybridge.plugins.use import use_plugins
+
+    backbone, checkpoint = args.backbone, None
+    if backbone is not None and backbone not in reg.backbones:
+        kinds = [n for n, p in reg.plugins.items() if p.kind == "checkpoint"]
+        if backbone not in kinds:
+            raise CommandError(f"--backbone {backbone!r}: neither a backbone of {reg.file} ("
+                               f"{', '.join(reg.backbones)}) nor a checkpoint plugin ({', '.join(kinds) or 'none'})")
+        backbone, checkpoint = reg.plugins[backbone].backbone, backbone
+    pipe = pipeline_cls.from_registry(reg, languages=needed, backbone=backbone)
+    use_plugins(pipe, reg, loras=args.lora, controlnets=args.controlnet, tis=args.ti, checkpoint=checkpoint)
+    return pipe
+
+
+def _hints(paths: list[str]) -> Any:
+    import PIL.Image
+
+    images = []
+    for path in paths:
+        try:
+            with PIL.Image.open(path) as im:
+                images.append(im.copy())
+        except OSError as exc:
+            raise CommandError(f"--image {path}: cannot read it as an image ({exc})") from None
+    return images if len(images) > 1 else images[0]
+
+
+def _plugins_record(args: argparse.Namespace) -> dict[str, Any]:
+    return {"lora": args.lora, "controlnet": args.controlnet, "ti": args.ti, "image": args.image}
+
+
 def _write_images(args: argparse.Namespace, target: Path, images: list) -> list[str]:
     """One grid PNG at ``-o``, atomically (``--file``'s images go through :class:`ResumableImages`)."""
-    from polybridge.atomic import atomic_write_bytes
-
     import io
 
     from diffusers.utils import make_image_grid
+
+    from polybridge.atomic import atomic_write_bytes
 
     cols = min(len(images), 4)
     rows = -(-len(images) // cols)
@@ -212,4 +252,17 @@ def add_commands(sub: Any) -> None:
                    help="enlarge the grid by this factor, nearest-neighbour (default 4)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print what was run as JSON")
+    _add_plugin_flags(p)
     p.set_defaults(func=cmd_generate)
+
+
+def _add_plugin_flags(p: Any) -> None:
+    """``--backbone``, ``--lora``, ``--controlnet``, ``--image``, ``--ti``: names from the registry."""
+    p.add_argument("--backbone", default=None, help="a registry backbone, or a checkpoint plugin (default: "
+                                                     "default_backbone); every branch is kept")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                   help="a LoRA plugin of the registry, with its scale (repeatable)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="NAME",
+                   help="a ControlNet plugin of the registry (repeatable; one --image each)")
+    p.add_argument("--image", action="append", default=[], metavar="HINT.png", help="a ControlNet's hint image")
+    p.add_argument("--ti", action="append", default=[], metavar="NAME", help="a Textual Inversion plugin (repeatable)")

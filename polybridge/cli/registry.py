@@ -27,14 +27,25 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     reg = registry_of(args)
     summaries = [_entry_summary(e) for e in reg.languages.values()]
     if args.json:
-        print_json({"registry": str(reg.file), "default_backbone": reg.default_backbone, "languages": summaries})
+        print_json({"registry": str(reg.file), "default_backbone": reg.default_backbone, "languages": summaries,
+                    "plugins": [_plugin_summary(p) for p in reg.plugins.values()]})
         return 0
     rows = [[s["code"], s["name"], s["native_name"] or "", ",".join(s["scripts"]), s["branch"],
              s["status"]["tokenizer"], s["status"]["encoder"], s["status"]["branch"], ",".join(s["concepts"])]
             for s in summaries]
     print(f"registry: {reg.file}  (default backbone: {reg.default_backbone})")
     print(table(rows, ["code", "name", "native", "scripts", "branch", "tokenizer", "encoder", "weights", "concepts"]))
+    if reg.plugins:
+        print(f"plugins ({len(reg.plugins)}):")
+        print(table([[s["name"], s["kind"], s["backbone"], s["source"], s["description"]]
+                     for s in map(_plugin_summary, reg.plugins.values())],
+                    ["plugin", "kind", "backbone", "source", "description"]))
     return 0
+
+
+def _plugin_summary(spec) -> dict[str, Any]:
+    return {"name": spec.name, "kind": spec.kind, "backbone": spec.backbone, "source": spec.source,
+            "description": spec.description}
 
 
 def cmd_registry_show(args: argparse.Namespace) -> int:
@@ -65,12 +76,18 @@ def cmd_registry_validate(args: argparse.Namespace) -> int:
                 for entry in reg.languages.values() if entry.encoder is not None and entry.encoder.trust_remote_code]
     for line in warnings:
         print(f"polybridge: WARNING: {line}", file=sys.stderr)
+    from polybridge.plugins.use import check_plugin
+
+    plugins = {name: check_plugin(reg, name) for name in reg.plugins}
     if args.json:
-        print_json({"registry": str(reg.file), "valid": True, "warnings": warnings, "languages": report})
+        print_json({"registry": str(reg.file), "valid": True, "warnings": warnings, "languages": report,
+                    "plugins": plugins})
     else:
         print(f"{reg.file}: valid ({len(reg.languages)} languages, {len(reg.backbones)} backbones)")
         rows = [[c, r["entry"], r["grammar"], r["tokenizer"], r["encoder"], r["branch"]] for c, r in report.items()]
         print(table(rows, ["code", "entry", "grammar", "tokenizer", "encoder", "weights"]))
+        if plugins:
+            print(table([[n, reg.plugins[n].kind, state] for n, state in plugins.items()], ["plugin", "kind", "state"]))
     return 0
 
 

@@ -1,0 +1,111 @@
+"""diffusers' loader mixins, checked first: a LoRA or Textual Inversion that does not fit the backbone is refused
+with a :class:`~polybridge.plugins.PluginError` naming it and what would fit, before anything is changed.
+
+:class:`CheckedLoaders` goes before diffusers' mixins in :class:`~polybridge.pipeline.PolyBridgePipeline`'s bases;
+everything else (``set_adapters``, ``fuse_lora``, ``unload_lora_weights``, ...) is diffusers' own. All of it acts on
+the backbone's UNet and text encoder(s); branches hold no LoRA layers and no vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polybridge.plugins import PluginError
+
+
+def _plugin_name(source: Any, adapter_name: str | None = None) -> str:
+    if adapter_name:
+        return adapter_name
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return "(state dict)"
+
+
+def lora_mismatches(state_dict: Mapping[str, torch.Tensor], components: Any) -> list[str]:
+    """Where a diffusers-format LoRA state dict (``unet.<layer>.lora_A.weight`` ...) does not fit ``components``'
+    UNet and text encoder(s): layers it names that are missing, or of another width."""
+    problems = []
+    for key, value in state_dict.items():
+        prefix, _, rest = key.partition(".")
+        model = getattr(components, prefix, None) if prefix in ("unet", "text_encoder", "text_encoder_2") else None
+        for marker, axis in ((".lora_A.", 1), (".lora_B.", 0)):
+            if model is None or marker not in rest or not rest.endswith(".weight"):
+                continue
+            path = rest.split(marker)[0]
+            try:
+                layer = model.get_submodule(path)
+            except AttributeError:
+                problems.append(f"{prefix}.{path} does not exist")
+                continue
+            base = getattr(layer, "base_layer", layer)
+            weight = getattr(base, "weight", None)
+            want = None if weight is None else weight.shape[axis]  # (out, in, ...): lora_A reads in, lora_B gives out
+            if want is not None and value.shape[axis] != want:
+                problems.append(f"{prefix}.{path} is {want} wide in the backbone, {value.shape[axis]} in the LoRA")
+    return list(dict.fromkeys(problems))
+
+
+class CheckedLoaders:
+    """``load_lora_weights`` and ``load_textual_inversion`` that refuse what does not fit, pipeline unchanged."""
+
+    def _fits_hint(self) -> str:
+        from polybridge.backbones import architecture_fingerprint
+
+        return (f"one trained for this backbone's architecture fits ({self.family.name} family, fingerprint "
+                f"{architecture_fingerprint(self.unet)})")
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None,
+                          **kwargs: Any) -> None:
+        name = _plugin_name(pretrained_model_name_or_path_or_dict, adapter_name)
+        source = pretrained_model_name_or_path_or_dict
+        try:
+            state = self.lora_state_dict(dict(source) if isinstance(source, Mapping) else source,
+                                         unet_config=self.unet.config, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise PluginError(f"LoRA {name!r}: cannot be read: {str(exc).splitlines()[0]}") from None
+        state_dict = state[0] if isinstance(state, tuple) else state
+        problems = lora_mismatches(state_dict, self)
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise PluginError(f"LoRA {name!r} is for another architecture: {'; '.join(problems[:3])}{more}; "
+                              f"{self._fits_hint()}")
+        if adapter_name is not None and adapter_name in self._loaded_adapters():
+            raise PluginError(f"LoRA {name!r}: an adapter of that name is loaded already; loaded: "
+                              f"{', '.join(self._loaded_adapters())}; give another adapter_name")
+        self._family_lora_loader().load_lora_weights(self, state_dict, adapter_name=adapter_name, **kwargs)
+
+    def _family_lora_loader(self) -> type:
+        """diffusers' LoRA loader of the backbone family's pipeline (SDXL's also loads into ``text_encoder_2``)."""
+        from diffusers.loaders import (
+            StableDiffusionLoraLoaderMixin,
+            StableDiffusionXLLoraLoaderMixin,
+        )
+
+        return StableDiffusionXLLoraLoaderMixin if self.family.name == "sdxl" else StableDiffusionLoraLoaderMixin
+
+    @property
+    def _lora_loadable_modules(self) -> list[str]:
+        """What ``set_adapters``, ``fuse_lora``, ``unload_lora_weights`` act on: the UNet and the family's text
+        encoders (never a branch)."""
+        return ["unet", *(name for name, _ in self.family.text_encoders)]
+
+    def _loaded_adapters(self) -> list[str]:
+        return sorted({a for names in self.get_list_adapters().values() for a in names})
+
+    def load_textual_inversion(self, pretrained_model_name_or_path: Any, token: Any = None, tokenizer: Any = None,
+                               text_encoder: Any = None, **kwargs: Any) -> None:
+        name = token if isinstance(token, str) else _plugin_name(pretrained_model_name_or_path)
+        encoder = text_encoder or self.text_encoder
+        try:  # diffusers checks everything before it changes the tokenizer or the encoder
+            super().load_textual_inversion(pretrained_model_name_or_path, token=token, tokenizer=tokenizer,
+                                           text_encoder=text_encoder, **kwargs)
+        except ValueError as exc:
+            message = str(exc).splitlines()[0].strip()
+            if "incorrect shape" in message:
+                message = (f"its embeddings are not {encoder.get_input_embeddings().weight.shape[-1]} wide, the "
+                           "width of the backbone's text encoder, so it is for another architecture")
+            raise PluginError(f"Textual Inversion {name!r}: {message}; {self._fits_hint()}") from None
