@@ -253,3 +253,23 @@ def test_the_cache_is_written_in_shards_resumes_after_a_kill_and_is_read_memory_
     assert torch.equal(a["latents"][rows], b["latents"][rows]) and torch.equal(a["states"][rows], b["states"][rows])
     with pytest.raises(DataError, match=r"written for other encoders, backbone or data"):
         read_sharded_cache(tmp_path / "full", "another-key", 1)
+
+
+def test_trains_on_a_streamed_dataset_of_varied_sizes_and_reuses_its_cache(tmp_path):
+    from conftest import point_at_parquet
+
+    registry = point_at_parquet(registry_with_tiny_backbone(tmp_path / "repo"), "zh", 12, crop="random",
+                                cache_shard_rows=5)
+    reg = load_registry(registry)
+    said = []
+    opts = dict(max_steps=2, batch_size=4, warmup_steps=1, progress=False, work_dir=tmp_path / "work",
+                out_dir=tmp_path / "out", branch_type="pea")
+    info = train_language(reg, "zh", TrainOptions(**opts), log=said.append)
+    assert info["examples"] == 12 and info["settings"]["data"]["streaming"] is True
+    assert info["settings"]["data"]["crop"] == "random" and info["final_loss"] is not None
+    assert any("12 examples in 3 cache files" in s for s in said)
+    files = sorted((tmp_path / "work" / "encoded").rglob("shard-*.safetensors"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = train_language(reg, "zh", TrainOptions(**opts, overwrite=True), log=lambda _m: None)
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # the cache was read, not written again
+    assert again["final_loss"] == info["final_loss"]

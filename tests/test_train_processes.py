@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, registry_with_tiny_backbone
+import pytest
+
+from conftest import REPO, point_at_parquet, registry_with_tiny_backbone
 from polybridge.registry import load_registry
 from polybridge.training.trainer import TrainOptions, train_language
 
@@ -36,8 +38,11 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
 
-def test_two_cpu_processes_train_disjoint_shards_to_identical_weights(tmp_path):
+@pytest.mark.parametrize("data", ["synthetic", "streamed"])
+def test_two_cpu_processes_train_disjoint_shards_to_identical_weights(tmp_path, data):
     registry = registry_with_tiny_backbone(tmp_path / "repo")
+    if data == "streamed":  # two parquet files, each process reads its own and encodes it into its own cache part
+        registry = point_at_parquet(registry, "zh", 32, files=2)
     # lr pinned: the all-reduce sums gradients in another order than one process does, and Adam turns those
     # last-bit differences into weight differences that grow with the learning rate (what is tested here is the
     # sharding and the sync).
@@ -67,6 +72,9 @@ def test_two_cpu_processes_train_disjoint_shards_to_identical_weights(tmp_path):
     # order alone gave up to 1.6e-6 after 3 steps (zh's objects: own scenes), so 1e-5 is a tenth of one step.
     assert all(torch.allclose(two[k], ref[k], rtol=0, atol=1e-5) for k in ref)
     assert single["processes"] == 1
+    if data == "streamed":
+        parts = sorted(p.name for p in (tmp_path / "work2" / "encoded").glob("*/part-*"))
+        assert parts == ["part-00000-of-00002", "part-00001-of-00002"]
 
 
 def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path):
