@@ -106,3 +106,35 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path):
     a, b = _weights(tmp_path / "out-full"), _weights(tmp_path / "out-killed")
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run does not end where the uninterrupted one does"
     assert resumed["losses"] == full["losses"]
+
+
+def _deepspeed_runs() -> str | None:
+    """Why DeepSpeed cannot run here (None: it can)."""
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as exc:  # not installed, or built for another torch
+        return f"deepspeed is not importable ({type(exc).__name__}: {exc}); `DS_BUILD_OPS=0 pip install deepspeed`"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_deepspeed_runs() is not None, reason=str(_deepspeed_runs()))
+def test_deepspeed_zero2_on_one_cpu_process_trains_streamed_data_like_one_plain_process(tmp_path):
+    registry = point_at_parquet(registry_with_tiny_backbone(tmp_path / "repo"), "zh", 16, files=2)
+    config = (REPO / "scripts" / "accelerate" / "deepspeed_zero2.yaml").read_text(encoding="utf-8")
+    config = config.replace("num_processes: 8", "num_processes: 1").replace("use_cpu: false", "use_cpu: true")
+    (tmp_path / "ds.yaml").write_text(config, encoding="utf-8")
+    train = ["--steps", "3", "--batch-size", "4", "--lr", "1e-4", "--checkpoint-every", "2", *COMMON]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "ds.yaml"),
+              "--main_process_port", str(_free_port()), "-m", "polybridge.cli", "--registry", str(registry), "train",
+              *train, "--work", str(tmp_path / "work-ds"), "--out", str(tmp_path / "out-ds")]
+    done = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "work-ds" / "checkpoint" / "deepspeed").is_dir()  # ZeRO's own checkpoint of its partitions
+    info = json.loads((tmp_path / "work-ds" / "train_info.json").read_text())
+    assert info["examples"] == 16 and info["processes"] == 1
+    train_language(load_registry(registry), "zh", TrainOptions(
+        max_steps=3, batch_size=4, learning_rate=1e-4, num_samples=32, warmup_steps=1, checkpoint_every=2,
+        progress=False, work_dir=tmp_path / "work1", out_dir=tmp_path / "out1"), log=lambda _m: None)
+    ds, ref = _weights(tmp_path / "out-ds"), _weights(tmp_path / "out1")
+    assert all(torch.allclose(ds[k], ref[k], rtol=0, atol=1e-5) for k in ref)
