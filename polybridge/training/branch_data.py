@@ -650,12 +650,10 @@ def _shard_files(part_dir: Path) -> list[Path]:
 
 def _shard_meta(file: Path, key: str) -> dict:
     """A cache file's metadata, checked to be of this run's encoders, backbone and data (``key``)."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(file), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:
+        with open(file, "rb") as fh:
+            meta = json.loads(fh.read(int.from_bytes(fh.read(8), "little"))).get("__metadata__") or {}
+    except (OSError, ValueError) as exc:
         raise DataError(f"cache file {file} is unreadable ({type(exc).__name__}: {exc}); delete it and run again: "
                         "the files before it are kept") from None
     if meta.get("key") != key:
@@ -667,27 +665,36 @@ def _shard_meta(file: Path, key: str) -> dict:
 
 class ShardedRows:
     """One tensor of the sharded cache, read memory-mapped: indexing reads only the rows asked for, from the files
-    that hold them (``safetensors.safe_open``), never the whole tensor. States of files encoded with fewer chunks
-    are filled up, in a batch, with ``filler`` (the empty prompt's chunk), as :func:`encode_examples` fills them."""
+    that hold them (``numpy.memmap`` over the tensor's bytes in the safetensors file), never the whole tensor or a
+    whole file; at most ``open_files`` files are mapped at a time. States of files encoded with fewer chunks are
+    filled up, in a batch, with ``filler`` (the empty prompt's chunk), as :func:`encode_examples` fills them."""
+
+    open_files = 16
 
     def __init__(self, name: str, files: list[Path], starts: np.ndarray, rows: int, row_shape: tuple[int, ...],
                  dtype: torch.dtype, filler: torch.Tensor | None = None):
+        from collections import OrderedDict
+
         self.name, self.files, self.starts, self.filler = name, files, starts, filler
         self.shape = (rows, *row_shape)
         self.dtype = dtype
-        self._handles: dict[int, Any] = {}
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
 
-    def _handle(self, k: int) -> Any:
-        from safetensors import safe_open
-
-        if k not in self._handles:
-            try:
-                self._handles[k] = safe_open(str(self.files[k]), framework="pt")
-            except Exception as exc:
-                raise DataError(f"cache file {self.files[k]} cannot be read any more ({type(exc).__name__}: {exc}); "
-                                "the last checkpoint is kept: run again with --resume to re-encode what is missing"
-                                ) from None
-        return self._handles[k]
+    def _map(self, k: int) -> np.memmap:
+        if k in self._maps:
+            self._maps.move_to_end(k)
+            return self._maps[k]
+        try:
+            dtype, shape, offset = safetensors_layout(self.files[k])[self.name]
+            array = np.memmap(self.files[k], dtype=_NUMPY_DTYPES[dtype], mode="r", offset=offset, shape=tuple(shape))
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataError(f"cache file {self.files[k]} cannot be read any more ({type(exc).__name__}: {exc}); "
+                            "the last checkpoint is kept: run again with --resume to re-encode what is missing"
+                            ) from None
+        self._maps[k] = array
+        if len(self._maps) > self.open_files:
+            self._maps.popitem(last=False)
+        return array
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -695,8 +702,10 @@ class ShardedRows:
     def __getitem__(self, idx: Any) -> torch.Tensor:
         indices = [int(i) for i in (idx.tolist() if isinstance(idx, torch.Tensor) else idx)]
         files = np.searchsorted(self.starts, indices, side="right") - 1
-        rows = [self._handle(int(k)).get_slice(self.name)[i - int(self.starts[k]):i - int(self.starts[k]) + 1]
-                for i, k in zip(indices, files)]
+        rows = []
+        for i, k in zip(indices, files):
+            row = torch.from_numpy(np.array(self._map(int(k))[i - int(self.starts[k])]))[None]
+            rows.append(row.view(torch.bfloat16) if self.dtype == torch.bfloat16 else row)
         if self.filler is not None:
             width = max(r.shape[1] for r in rows)
             rows = [r if r.shape[1] == width else
@@ -705,11 +714,22 @@ class ShardedRows:
         return torch.cat(rows)
 
 
+def safetensors_layout(file: Path) -> dict[str, tuple[str, list[int], int]]:
+    """Each tensor of a safetensors file: (dtype, shape, byte offset of its data in the file), from its header."""
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    return {name: (t["dtype"], t["shape"], 8 + size + t["data_offsets"][0])
+            for name, t in header.items() if name != "__metadata__"}
+
+
+#: safetensors dtypes as numpy reads them (bfloat16 as its 16 bits, viewed back as torch.bfloat16).
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "U8": np.uint8}
+
+
 def read_sharded_cache(folder: Path, key: str, world: int) -> tuple[dict[str, Any], dict]:
     """The tensors of a complete sharded cache (``world`` parts), memory-mapped, in the dataset's order (parts in
     rank order, or interleaved where the parts took every ``world``-th row), and what its parts record."""
-    from safetensors import safe_open
-
     dones = []
     for rank in range(world):
         done_file = folder / _PART.format(rank=rank, world=world) / _DONE
@@ -738,13 +758,10 @@ def read_sharded_cache(folder: Path, key: str, world: int) -> tuple[dict[str, An
         part_start = np.concatenate([[0], np.cumsum(per_part)[:-1]])
         order = np.array([part_start[r] + k for k in range(max(per_part)) for r in range(world) if k < per_part[r]],
                          dtype=np.int64)
-    with safe_open(str(files[0]), framework="pt") as fh:
-        names = list(fh.keys())
-        shapes = {n: tuple(fh.get_slice(n).get_shape()[1:]) for n in names}
-        dtypes = {n: fh.get_slice(n).get_dtype() for n in names}
+    layout = safetensors_layout(files[0])
     tensors: dict[str, Any] = {}
-    for name in names:
-        rows = ShardedRows(name, files, starts, total, shapes[name], _DTYPES.get(dtypes[name], torch.float32))
+    for name, (dtype, shape, _) in layout.items():
+        rows = ShardedRows(name, files, starts, total, tuple(shape[1:]), _DTYPES[dtype])
         tensors[name] = rows if order is None else _Reordered(rows, order)
     summary["strategy"] = strategy
     return tensors, summary
