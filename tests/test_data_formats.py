@@ -273,3 +273,16 @@ def test_trains_on_a_streamed_dataset_of_varied_sizes_and_reuses_its_cache(tmp_p
     again = train_language(reg, "zh", TrainOptions(**opts, overwrite=True), log=lambda _m: None)
     assert [f.stat().st_mtime_ns for f in files] == stamps  # the cache was read, not written again
     assert again["final_loss"] == info["final_loss"]
+
+
+def test_a_cache_file_that_disappears_during_training_is_a_clear_error(base_entry, tmp_path):
+    dataset, _ = _write("parquet-folder", tmp_path)
+    stream = load_examples(None, _entry(base_entry, tmp_path, dataset, cache_shard_rows=3), image_size=16,
+                           seed=0).stream
+    encode_stream_part(stream, tmp_path / "c", "k", 0, 1, **_tiny_models())
+    tensors, _ = read_sharded_cache(tmp_path / "c", "k", 1)
+    assert tensors["latents"][torch.tensor([0])].shape == (1, 4, 8, 8)
+    victim = sorted((tmp_path / "c").rglob("shard-000001.safetensors"))[0]
+    victim.unlink()
+    with pytest.raises(DataError, match=r"shard-000001.safetensors cannot be read any more .*--resume"):
+        tensors["latents"][torch.tensor([4])]
