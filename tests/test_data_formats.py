@@ -284,5 +284,11 @@ def test_a_cache_file_that_disappears_during_training_is_a_clear_error(base_entr
     assert tensors["latents"][torch.tensor([0])].shape == (1, 4, 8, 8)
     victim = sorted((tmp_path / "c").rglob("shard-000001.safetensors"))[0]
     victim.unlink()
-    with pytest.raises(DataError, match=r"shard-000001.safetensors cannot be read any more .*--resume"):
+    with pytest.raises(DataError, match=r"shard-000001.safetensors cannot be read any more .*delete .*part-00000-of-00001 and run again"):
         tensors["latents"][torch.tensor([4])]
+    with pytest.raises(DataError, match=r"part-00000-of-00001 holds 2 cache files, 3 were written: delete that folder"):
+        read_sharded_cache(tmp_path / "c", "k", 1)
+    import shutil
+    shutil.rmtree(victim.parent)
+    encode_stream_part(stream, tmp_path / "c", "k", 0, 1, **_tiny_models())
+    assert read_sharded_cache(tmp_path / "c", "k", 1)[1]["rows"] == len(SHAPES)

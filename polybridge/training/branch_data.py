@@ -689,8 +689,8 @@ class ShardedRows:
             array = np.memmap(self.files[k], dtype=_NUMPY_DTYPES[dtype], mode="r", offset=offset, shape=tuple(shape))
         except (OSError, KeyError, ValueError) as exc:
             raise DataError(f"cache file {self.files[k]} cannot be read any more ({type(exc).__name__}: {exc}); "
-                            "the last checkpoint is kept: run again with --resume to re-encode what is missing"
-                            ) from None
+                            f"the last checkpoint is kept: delete {self.files[k].parent} and run again with --resume "
+                            "to encode that part again") from None
         self._maps[k] = array
         if len(self._maps) > self.open_files:
             self._maps.popitem(last=False)
@@ -739,8 +739,13 @@ def read_sharded_cache(folder: Path, key: str, world: int) -> tuple[dict[str, An
         dones.append(done)
     files: list[Path] = []
     counts: list[int] = []
-    for rank in range(world):
-        for f in _shard_files(folder / _PART.format(rank=rank, world=world)):
+    for rank, done in enumerate(dones):
+        part_files = _shard_files(folder / _PART.format(rank=rank, world=world))
+        if len(part_files) != done["files"]:
+            raise DataError(f"{folder / _PART.format(rank=rank, world=world)} holds {len(part_files)} cache files, "
+                            f"{done['files']} were written: delete that folder and run again (with --resume after a "
+                            "checkpoint) to encode that part again")
+        for f in part_files:
             meta = _shard_meta(f, key)
             if int(meta["rows"]):
                 files.append(f)
