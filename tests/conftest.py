@@ -51,36 +51,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-def point_at_parquet(registry: Path, code: str, rows: int, *, files: int = 2, streaming: bool = True,
-                     **data_keys) -> Path:
-    """Make ``code``'s entry train on a folder of ``files`` parquet files of ``rows`` image/caption rows of varied sizes
-    (``caption_<code>``, ``caption_en``), written next to its language.yaml."""
-    import datasets
-    import numpy as np
-    import yaml
-    from PIL import Image
+def point_at_parquet(registry: Path, code: str, rows: int, *, files: int = 2, **data_keys) -> Path:
+    """Make ``code``'s entry train on a streamed folder of ``files`` parquet files of ``rows`` JPEG/caption rows of
+    varied sizes (``caption_<code>``, ``caption_en``, every third row native-only), next to its language.yaml: the
+    throughput benchmark's data (``benchmarks/perf/train_throughput.py``), smaller."""
+    import importlib.util
 
-    folder = registry.parent / "languages" / code
-    rng = np.random.default_rng(0)
-    images, captions, english = [], [], []
-    for i in range(rows):
-        w, h = int(rng.integers(8, 40)), int(rng.integers(8, 40))
-        buf = __import__("io").BytesIO()
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-        images.append({"bytes": buf.getvalue(), "path": None})
-        captions.append(f"图 {i} 红色的圆")
-        english.append(f"picture {i} a red circle" if i % 3 else None)
-    ds = datasets.Dataset.from_dict({"image": images, f"caption_{code}": captions, "caption_en": english},
-                                    features=datasets.Features({"image": datasets.Image(),
-                                                                f"caption_{code}": datasets.Value("string"),
-                                                                "caption_en": datasets.Value("string")}))
-    (folder / "pairs").mkdir(exist_ok=True)
-    per = -(-rows // files)
-    for f in range(files):
-        ds.select(range(f * per, min(rows, (f + 1) * per))).to_parquet(str(folder / "pairs" / f"{f:05d}.parquet"))
-    entry_file = folder / "language.yaml"
-    entry = yaml.safe_load(entry_file.read_text(encoding="utf-8"))
-    entry["data"] = {"dataset": "./pairs", "caption_column": f"caption_{code}", "english_column": "caption_en",
-                     "streaming": streaming, **data_keys}
-    entry_file.write_text(yaml.safe_dump(entry, allow_unicode=True), encoding="utf-8")
-    return registry
+    spec = importlib.util.spec_from_file_location("perf_train_throughput",
+                                                  REPO / "benchmarks" / "perf" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_streamed_data(registry, code, rows, files=files, sides=(8, 41), native_only_every=3,
+                                      **data_keys)

@@ -303,9 +303,11 @@ def _forever(stream: Any) -> Iterator[dict]:
         yield from part
 
 
-def write_streamed_data(registry: Path, lang: str, n: int, files: int = 4) -> None:
-    """``n`` rows of JPEG images of varied sizes (about half to three times the backbone's side, any aspect) in
-    ``files`` parquet files, and ``lang``'s entry pointed at them, streamed."""
+def write_streamed_data(registry: Path, lang: str, n: int, files: int = 4, sides: tuple[int, int] = (16, 97),
+                        native_only_every: int = 0, **data_keys: Any) -> Path:
+    """``n`` rows of JPEG images of varied sizes (sides drawn from ``sides``: by default about half to three times
+    the default backbone's, any aspect) in ``files`` parquet files, and ``lang``'s entry pointed at them, streamed
+    (``data_keys`` added to its ``data:``); every ``native_only_every``-th row has no English caption."""
     import io
 
     import datasets
@@ -317,7 +319,7 @@ def write_streamed_data(registry: Path, lang: str, n: int, files: int = 4) -> No
     rng = np.random.default_rng(0)
     images, captions, english = [], [], []
     for i in range(n):
-        w, h = (int(v) for v in rng.integers(16, 97, 2))
+        w, h = (int(v) for v in rng.integers(*sides, 2))
         # smooth content (a gradient and noise) so the JPEG is a realistic size, not noise
         x = np.linspace(0, 255, w)[None, :, None] * rng.random(3)[None, None, :]
         y = np.linspace(0, 255, h)[:, None, None] * rng.random(3)[None, None, :]
@@ -326,7 +328,8 @@ def write_streamed_data(registry: Path, lang: str, n: int, files: int = 4) -> No
         Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
         images.append({"bytes": buf.getvalue(), "path": None})
         captions.append(f"第 {i} 张 红色的圆在左边")
-        english.append(f"picture {i}: a red circle on the left")
+        english.append(None if native_only_every and i % native_only_every == 0 else
+                       f"picture {i}: a red circle on the left")
     ds = datasets.Dataset.from_dict({"image": images, f"caption_{lang}": captions, "caption_en": english},
                                     features=datasets.Features({"image": datasets.Image(),
                                                                 f"caption_{lang}": datasets.Value("string"),
@@ -337,8 +340,9 @@ def write_streamed_data(registry: Path, lang: str, n: int, files: int = 4) -> No
         ds.select(range(f * per, min(n, (f + 1) * per))).to_parquet(str(folder / "pairs" / f"{f:05d}.parquet"))
     entry = yaml.safe_load((folder / "language.yaml").read_text(encoding="utf-8"))
     entry["data"] = {"dataset": "./pairs", "caption_column": f"caption_{lang}", "english_column": "caption_en",
-                     "streaming": True, "crop": "center"}
+                     "streaming": True, "crop": "center", **data_keys}
     (folder / "language.yaml").write_text(yaml.safe_dump(entry, allow_unicode=True), encoding="utf-8")
+    return registry
 
 
 # --------------------------------------------------------------------------- main
