@@ -12,12 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, registry_with_tiny_backbone
 from PIL import Image
 
-from conftest import REPO, registry_with_tiny_backbone
 from polybridge.registry import DataSpec, load_registry
-from polybridge.training.branch_data import (DataError, RowStream, ShardedRows, encode_stream_part, fit_image,
-                                             load_examples, open_dataset, read_sharded_cache)
+from polybridge.training.branch_data import (
+    DataError,
+    ShardedRows,
+    encode_stream_part,
+    fit_image,
+    load_examples,
+    read_sharded_cache,
+)
 from polybridge.training.trainer import TrainOptions, train_language
 
 #: (size, mode) of the rows: wide, tall, tiny, grey, with alpha, palette, 16-bit grey
@@ -92,7 +98,7 @@ def _write(fmt: str, root: Path) -> tuple[str, dict]:
         return "./d", {}
     if fmt == "webdataset":
         (root / "d").mkdir()
-        for t, rows in enumerate((range(0, 4), range(4, len(SHAPES)))):
+        for t, rows in enumerate((range(4), range(4, len(SHAPES)))):
             with tarfile.open(root / "d" / f"shard-{t}.tar", "w") as tar:
                 for i in rows:
                     for ext, data in (("png", _png(i)), ("txt", CAPTIONS[i].encode())):
@@ -195,7 +201,7 @@ def test_bad_rows_are_an_error_by_default_or_a_counted_logged_skip(base_entry, t
 
 
 def test_a_missing_column_and_a_file_that_disappears(base_entry, tmp_path):
-    dataset, keys = _write("parquet-folder", tmp_path)
+    dataset, _keys = _write("parquet-folder", tmp_path)
     with pytest.raises(DataError, match=r"data.caption_column: no column 'text'; its columns are image, caption_zh"):
         load_examples(None, _entry(base_entry, tmp_path, dataset, caption_column="text", streaming=True),
                       image_size=16, seed=0)
@@ -210,6 +216,7 @@ def test_a_missing_column_and_a_file_that_disappears(base_entry, tmp_path):
 
 def _tiny_models():
     from tiny_components import get_dummy_components, native_encoder
+
     from polybridge.backbones import Backbone
 
     c = get_dummy_components()
@@ -222,7 +229,7 @@ def test_the_cache_is_written_in_shards_resumes_after_a_kill_and_is_read_memory_
                                                                                         monkeypatch):
     import polybridge.training.branch_data as bd
 
-    dataset, keys = _write("parquet-folder", tmp_path)
+    dataset, _keys = _write("parquet-folder", tmp_path)
     entry = _entry(base_entry, tmp_path, dataset, streaming=True, cache_shard_rows=2)
     tiny = _tiny_models()
     full = encode_stream_part(load_examples(None, entry, image_size=16, seed=0).stream, tmp_path / "full", "k", 0, 1,

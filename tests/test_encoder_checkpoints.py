@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-
 from conftest import REPO
+from tiny_components import EOS, clip_tokenizer
+
 from polybridge.encoders import load_encoder
 from polybridge.errors import PolyBridgeError
 from polybridge.registry import EncoderSpec, RegistryError, load_registry
-from tiny_components import EOS, clip_tokenizer
 
 VOCAB = EOS + 1
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

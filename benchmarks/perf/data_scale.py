@@ -53,7 +53,6 @@ def _registry(root: Path) -> Path:
     """The test suite's tiny backbone, with zh's native encoder the tiny 48-wide one, 16 tokens."""
     sys.path.insert(0, str(REPO / "tests"))
     import yaml
-
     from conftest import registry_with_tiny_backbone
     from tiny_components import clip_text_model, clip_tokenizer
 

@@ -848,8 +848,9 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
                    disable=not (options.progress and accelerator.is_main_process))
         encoded = sharded_encodings(examples, work / "encoded" / key, key, rank=accelerator.process_index,
                                     world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
-                                    vae=frozen.vae, encoder=frozen.encoder, backbone=frozen.backbone, device=accelerator.device,
-                                    dtype=dtype, batch_size=options.cache_batch, log=say, progress=bar.update)
+                                    vae=frozen.vae, encoder=frozen.encoder, backbone=frozen.backbone,
+                                    device=accelerator.device, dtype=dtype, batch_size=options.cache_batch, log=say,
+                                    progress=bar.update)
         bar.close()
         return encoded
     images = {k: v for k, v in settings["data"].items() if k not in ("caption_column", "english_column", "native_only")}
