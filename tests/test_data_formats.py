@@ -22,6 +22,7 @@ from polybridge.training.branch_data import (
     encode_stream_part,
     fit_image,
     load_examples,
+    open_dataset,
     read_sharded_cache,
 )
 from polybridge.training.trainer import TrainOptions, train_language
@@ -299,3 +300,24 @@ def test_a_cache_file_that_disappears_during_training_is_a_clear_error(base_entr
     shutil.rmtree(victim.parent)
     encode_stream_part(stream, tmp_path / "c", "k", 0, 1, **_tiny_models())
     assert read_sharded_cache(tmp_path / "c", "k", 1)[1]["rows"] == len(SHAPES)
+
+
+def test_a_hub_id_is_read_by_load_dataset_streamed_or_not(base_entry, tmp_path, monkeypatch):
+    import datasets
+
+    local = _rows_dataset()
+    calls = []
+
+    def load_dataset(path, **kwargs):  # the hub, offline: the same rows, as load_dataset gives them
+        calls.append((path, kwargs))
+        ds = local.to_iterable_dataset() if kwargs.get("streaming") else local
+        return (datasets.IterableDatasetDict if kwargs.get("streaming") else datasets.DatasetDict)({"train": ds})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for streaming in (False, True):
+        entry = _entry(base_entry, tmp_path, "someone/pairs-zh", streaming=streaming)
+        ds = open_dataset(entry)
+        assert isinstance(ds, datasets.IterableDataset) == streaming
+    assert calls == [("someone/pairs-zh", {"streaming": False}), ("someone/pairs-zh", {"streaming": True})]
+    with pytest.raises(DataError, match=r"has no split 'test' .*valid: train"):
+        open_dataset(_entry(base_entry, tmp_path, "someone/pairs-zh", split="test"))
