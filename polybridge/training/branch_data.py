@@ -584,6 +584,8 @@ def encode_stream_part(stream: RowStream, folder: Path, key: str, rank: int, wor
         if done.get("key") == key:
             return done
     part_dir.mkdir(parents=True, exist_ok=True)
+    for stale in part_dir.glob("shard-*.tmp"):  # a file a kill interrupted: written again below
+        stale.unlink()
     shards = _shard_files(part_dir)
     consumed, rows, skipped = 0, 0, 0
     for shard in shards:
@@ -609,10 +611,8 @@ def encode_stream_part(stream: RowStream, folder: Path, key: str, rank: int, wor
             tensors = encode_examples(examples, range(len(pending)), vae=vae, encoder=encoder, backbone=backbone,
                                       max_chunks=max(chunk_counts(encoder, captions)), english=english, device=device,
                                       dtype=dtype, batch_size=batch_size)
-        if bad:
-            with open(part_dir / _SKIPPED, "a", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(b, ensure_ascii=False) + "\n" for b in bad)
-        meta = {"key": key, "rows": str(len(pending)), "consumed": str(position), "skipped": str(len(bad))}
+        meta = {"key": key, "rows": str(len(pending)), "consumed": str(position), "skipped": str(len(bad)),
+                "skipped_rows": json.dumps(bad, ensure_ascii=False)}
         name = part_dir / f"shard-{index:06d}.safetensors"
         tmp = name.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()} or {"empty": torch.zeros(0)}, str(tmp),
@@ -638,8 +638,12 @@ def encode_stream_part(stream: RowStream, folder: Path, key: str, rank: int, wor
             flush()
     if pending or bad:
         flush()
+    files = _shard_files(part_dir)
+    skipped_rows = [row for f in files for row in json.loads(_shard_meta(f, key).get("skipped_rows") or "[]")]
+    if skipped_rows:  # from the files' own records, so a run killed and continued lists each row once
+        atomic_write_text(part_dir / _SKIPPED, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in skipped_rows))
     done = {"key": key, "rows": rows, "skipped": skipped, "strategy": strategy, "rank": rank, "world": world,
-            "files": len(_shard_files(part_dir))}
+            "files": len(files)}
     atomic_write_text(done_file, json.dumps(done) + "\n")
     return done
 
