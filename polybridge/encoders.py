@@ -162,50 +162,53 @@ CONVERT_HINT = ("convert it once, where you trust the file, with `python -c \"im
                 "(save_pretrained writes model.safetensors), or use the hub's safetensors conversion")
 
 
-def _load_text_model(entry: LanguageEntry, source: Path | str, kwargs: dict[str, Any]) -> torch.nn.Module:
-    """The text model of ``entry.encoder``: any transformers model class whose forward takes ``input_ids``, or the
-    ``text_tower`` of a full checkpoint (CLIPModel, ChineseCLIPModel, AltCLIPModel...); an encoder-decoder model
-    serves through its encoder. Safetensors only; an error says why a model cannot serve."""
-    import inspect
-
+def _model_class(entry: LanguageEntry) -> Any:
+    """``encoder.model_class``: any transformers model class (a text model, a full checkpoint with ``text_tower``,
+    an ``Auto`` class)."""
     import transformers
+
+    assert entry.encoder is not None
+    model_cls = getattr(transformers, entry.encoder.model_class, None)
+    if model_cls is None or not hasattr(model_cls, "from_pretrained"):
+        raise RegistryError(entry.file, "encoder.model_class",
+                            f"transformers {transformers.__version__} has no model class {entry.encoder.model_class!r}")
+    return model_cls
+
+
+def _refuse_pickled(entry: LanguageEntry, source: Path | str) -> None:
+    """A local checkpoint with pickled weights only is refused before transformers sees it, saying how to convert."""
+    spec = entry.encoder
+    assert spec is not None
+    if not (isinstance(source, Path) and source.is_dir()):
+        return
+    variant = f".{spec.variant}" if spec.variant else ""
+    files = [f.name for f in source.iterdir()]
+    if any(f.endswith(variant + _SAFE_WEIGHTS) for f in files):
+        return
+    pickled = [f for f in files if f in _PICKLED_WEIGHTS or (f.startswith("pytorch_model") and f.endswith(".bin"))]
+    if pickled:
+        raise PolyBridgeValueError(
+            f"language {entry.code!r}: encoder {source} has no model{variant}{_SAFE_WEIGHTS} weights, only "
+            f"{', '.join(sorted(pickled))}, which polybridge never unpickles (loading a pickle can run code); "
+            + CONVERT_HINT.format(cls=spec.model_class, src=source) + f" ({entry.file}, key encoder.source)")
+
+
+def _pickle_hint(exc: OSError, entry: LanguageEntry, source: Path | str) -> str:
+    assert entry.encoder is not None
+    if "safetensors" in str(exc) or ".bin" in str(exc):
+        return ("; polybridge reads safetensors weights only and never unpickles a .bin: "
+                + CONVERT_HINT.format(cls=entry.encoder.model_class, src=source))
+    return ""
+
+
+def _text_model(entry: LanguageEntry, model: torch.nn.Module) -> torch.nn.Module:
+    """What reads the prompt: the ``text_tower`` of a full checkpoint (CLIPModel, ChineseCLIPModel, AltCLIPModel...),
+    an encoder-decoder's encoder, else the model; an error says why a model cannot serve."""
+    import inspect
 
     spec = entry.encoder
     assert spec is not None
     where = f"({entry.file}, key encoder.model_class)"
-    model_cls = getattr(transformers, spec.model_class, None)
-    if model_cls is None or not hasattr(model_cls, "from_pretrained"):
-        raise RegistryError(entry.file, "encoder.model_class",
-                            f"transformers {transformers.__version__} has no model class {spec.model_class!r}")
-    variant = f".{spec.variant}" if spec.variant else ""
-    if isinstance(source, Path) and source.is_dir():
-        files = [f.name for f in source.iterdir()]
-        if not any(f.endswith(variant + _SAFE_WEIGHTS) for f in files):
-            pickled = [f for f in files if f in _PICKLED_WEIGHTS or (f.startswith("pytorch_model") and f.endswith(".bin"))]
-            what = f"no {'model' + variant + _SAFE_WEIGHTS} weights"
-            if pickled:
-                raise PolyBridgeValueError(
-                    f"language {entry.code!r}: encoder {source} has {what}, only {', '.join(sorted(pickled))}, which "
-                    "polybridge never unpickles (loading a pickle can run code); "
-                    + CONVERT_HINT.format(cls=spec.model_class, src=source) + f" ({entry.file}, key encoder.source)")
-    if spec.variant:
-        kwargs = {**kwargs, "variant": spec.variant}
-    try:
-        model, info = model_cls.from_pretrained(str(source), use_safetensors=True, output_loading_info=True, **kwargs)
-    except OSError as exc:
-        hint = ""
-        if "safetensors" in str(exc) or ".bin" in str(exc):
-            hint = ("; polybridge reads safetensors weights only and never unpickles a .bin: "
-                    + CONVERT_HINT.format(cls=spec.model_class, src=source))
-        raise PolyBridgeOSError(f"language {entry.code!r}: cannot load encoder {spec.model_class} from {source} "
-                                f"({entry.file}, key encoder.source): {exc}{hint}") from exc
-    missing = sorted(str(k) for k in info.get("missing_keys", ()) if k)
-    mismatched = list(info.get("mismatched_keys", ()))
-    if missing or mismatched:
-        raise PolyBridgeValueError(f"language {entry.code!r}: encoder weights in {source} do not fit {spec.model_class} "
-                         f"(missing: {', '.join(map(str, missing[:8])) or 'none'}; wrong shape: "
-                         f"{', '.join(str(m[0]) if isinstance(m, tuple) else str(m) for m in mismatched[:8]) or 'none'}); "
-                         "refusing to run with randomly initialised weights")
     kind = type(model).__name__
     if spec.text_tower:
         tower = getattr(model, spec.text_tower, None)
@@ -247,6 +250,8 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
     _check_local(source, entry, "encoder", ENCODER_BUILD_HINT.format(code=entry.code))
     _check_local(tok_source, entry, "tokenizer", TOKENIZER_BUILD_HINT.format(code=entry.code))
 
+    model_cls = _model_class(entry)
+    _refuse_pickled(entry, source)
     if spec.tokenizer_class == "auto":
         tokenizer_cls = transformers.AutoTokenizer
     else:
@@ -267,7 +272,22 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
     model_kwargs = hub_kwargs(source)
     if torch_dtype is not None:
         model_kwargs["dtype"] = torch_dtype
-    model = _load_text_model(entry, source, model_kwargs)
+    if spec.variant:
+        model_kwargs["variant"] = spec.variant
+    try:
+        model, info = model_cls.from_pretrained(str(source), use_safetensors=True, output_loading_info=True,
+                                                **model_kwargs)
+    except OSError as exc:
+        raise PolyBridgeOSError(f"language {entry.code!r}: cannot load encoder {spec.model_class} from {source} "
+                      f"({entry.file}, key encoder.source): {exc}{_pickle_hint(exc, entry, source)}") from exc
+    missing = sorted(str(k) for k in info.get("missing_keys", ()) if k)
+    mismatched = list(info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        raise PolyBridgeValueError(f"language {entry.code!r}: encoder weights in {source} do not fit {spec.model_class} "
+                         f"(missing: {', '.join(map(str, missing[:8])) or 'none'}; wrong shape: "
+                         f"{', '.join(str(m[0]) if isinstance(m, tuple) else str(m) for m in mismatched[:8]) or 'none'}); "
+                         "refusing to run with randomly initialised weights")
+    model = _text_model(entry, model)
     model.eval()
     model.requires_grad_(False)
     try:
