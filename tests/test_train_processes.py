@@ -38,7 +38,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
 
-@pytest.mark.parametrize("data", ["synthetic", "streamed"])
+@pytest.mark.parametrize("data", ["synthetic", pytest.param("streamed", marks=pytest.mark.slow)])
 def test_two_cpu_processes_train_disjoint_shards_to_identical_weights(tmp_path, data):
     registry = registry_with_tiny_backbone(tmp_path / "repo")
     if data == "streamed":  # two parquet files, each process reads its own and encodes it into its own cache part
