@@ -321,3 +321,14 @@ def test_a_hub_id_is_read_by_load_dataset_streamed_or_not(base_entry, tmp_path, 
     assert calls == [("someone/pairs-zh", {"streaming": False}), ("someone/pairs-zh", {"streaming": True})]
     with pytest.raises(DataError, match=r"has no split 'test' .*valid: train"):
         open_dataset(_entry(base_entry, tmp_path, "someone/pairs-zh", split="test"))
+
+
+def test_a_camera_orientation_tag_is_applied():
+    from polybridge.training.branch_data import decode_image
+
+    tall = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 10, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: rotate 90 degrees clockwise to view
+    buf = io.BytesIO()
+    tall.save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue()).size == (20, 10)

@@ -330,6 +330,7 @@ def decode_image(value: Any, base: Path | None = None) -> Any:
     import io
 
     import PIL.Image
+    import PIL.ImageOps
 
     try:
         if isinstance(value, PIL.Image.Image):
@@ -344,6 +345,8 @@ def decode_image(value: Any, base: Path | None = None) -> Any:
         else:
             raise BadRow(f"no image ({type(value).__name__} {str(value)[:60]!r})")
         image.load()
+        if image.getexif().get(0x0112, 1) != 1:  # a camera's orientation tag: the image as it is meant to be seen
+            image = PIL.ImageOps.exif_transpose(image)
     except BadRow:
         raise
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
