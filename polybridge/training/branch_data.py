@@ -229,12 +229,12 @@ def _from_datasets(entry: LanguageEntry, n: int | None, size: int, english_colum
 
 
 def _source_stamp(source: Any) -> str | None:
-    """Names, sizes and times of a local source's files (a stream has no fingerprint): another file, another key."""
+    """Names and sizes of a local source's files (a stream has no fingerprint): another file, another key; a file
+    restored (copied back, with a new time) after it disappeared keeps the key, so its cache is continued."""
     if not isinstance(source, Path) or not source.exists():
         return None
     files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
-    return cache_key({str(f.relative_to(source) if f != source else f.name): (f.stat().st_size, f.stat().st_mtime_ns)
-                      for f in files})
+    return cache_key({str(f.relative_to(source) if f != source else f.name): f.stat().st_size for f in files})
 
 
 class BadRow(Exception):
