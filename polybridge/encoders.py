@@ -39,15 +39,6 @@ ENCODER_BUILD_HINT = "build it with `python scripts/build_encoders.py --langs {c
 TOKENIZER_BUILD_HINT = "build it with `polybridge tokenizer build --lang {code}` or point encoder.tokenizer at a hub id"
 
 
-def _hidden_size(config: Any) -> int:
-    # One small table absorbs the architectures' names for the token-state width.
-    for attr in ("hidden_size", "d_model", "dim", "n_embd"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    raise PolyBridgeValueError(f"cannot tell the hidden size of {type(config).__name__}")
-
-
 class NativeEncoder(torch.nn.Module):
     """A frozen native text encoder: ``encode(prompts)`` gives the token states a branch reads."""
 
@@ -65,6 +56,7 @@ class NativeEncoder(torch.nn.Module):
         self.hidden_layer = hidden_layer
         self.max_length = max_length
         self.max_chunks = max_chunks
+        self._width: int | None = None
         if tokenizer.pad_token_id is None:
             raise PolyBridgeValueError(f"{code or 'native'} tokenizer {name!r} has no pad token; set one in its tokenizer_config.json")
         # The special tokens around the text ([bos] text [eos], [CLS] text [SEP], text </s>) come from the
@@ -76,7 +68,11 @@ class NativeEncoder(torch.nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return _hidden_size(self.model.config)
+        """The width of the states :meth:`encode` gives: what the chosen hidden state really is, read from one
+        encoding (AltCLIP's last state is ``project_dim`` wide, its other hidden states ``hidden_size``)."""
+        if self._width is None:
+            self._width = int(self.encode([""]).shape[-1])
+        return self._width
 
     @property
     def device(self) -> torch.device:
@@ -162,11 +158,90 @@ def _check_local(path: Path | str, entry: LanguageEntry, what: str, hint: str) -
                                           f"({entry.file}); {hint}")
 
 
+#: The weights polybridge reads, and the pickled ones it refuses (a pickle can run code when it is loaded).
+_SAFE_WEIGHTS = ".safetensors"
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+CONVERT_HINT = ("convert it once, where you trust the file, with `python -c \"import transformers; "
+                "transformers.{cls}.from_pretrained('{src}', use_safetensors=False).save_pretrained('{src}')\"` "
+                "(save_pretrained writes model.safetensors), or use the hub's safetensors conversion")
+
+
+def _model_class(entry: LanguageEntry) -> Any:
+    """``encoder.model_class``: any transformers model class (a text model, a full checkpoint with ``text_tower``,
+    an ``Auto`` class)."""
+    import transformers
+
+    assert entry.encoder is not None
+    model_cls = getattr(transformers, entry.encoder.model_class, None)
+    if model_cls is None or not hasattr(model_cls, "from_pretrained"):
+        raise RegistryError(entry.file, "encoder.model_class",
+                            f"transformers {transformers.__version__} has no model class {entry.encoder.model_class!r}")
+    return model_cls
+
+
+def _refuse_pickled(entry: LanguageEntry, source: Path | str) -> None:
+    """A local checkpoint with pickled weights only is refused before transformers sees it, saying how to convert."""
+    spec = entry.encoder
+    assert spec is not None
+    if not (isinstance(source, Path) and source.is_dir()):
+        return
+    variant = f".{spec.variant}" if spec.variant else ""
+    files = [f.name for f in source.iterdir()]
+    if any(f.endswith(variant + _SAFE_WEIGHTS) for f in files):
+        return
+    pickled = [f for f in files if f in _PICKLED_WEIGHTS or (f.startswith("pytorch_model") and f.endswith(".bin"))]
+    if pickled:
+        raise PolyBridgeValueError(
+            f"language {entry.code!r}: encoder {source} has no model{variant}{_SAFE_WEIGHTS} weights, only "
+            f"{', '.join(sorted(pickled))}, which polybridge never unpickles (loading a pickle can run code); "
+            + CONVERT_HINT.format(cls=spec.model_class, src=source) + f" ({entry.file}, key encoder.source)")
+
+
+def _pickle_hint(exc: OSError, entry: LanguageEntry, source: Path | str) -> str:
+    assert entry.encoder is not None
+    if "safetensors" in str(exc) or ".bin" in str(exc):
+        return ("; polybridge reads safetensors weights only and never unpickles a .bin: "
+                + CONVERT_HINT.format(cls=entry.encoder.model_class, src=source))
+    return ""
+
+
+def _text_model(entry: LanguageEntry, model: torch.nn.Module) -> torch.nn.Module:
+    """What reads the prompt: the ``text_tower`` of a full checkpoint (CLIPModel, ChineseCLIPModel, AltCLIPModel...),
+    an encoder-decoder's encoder, else the model; an error says why a model cannot serve."""
+    import inspect
+
+    spec = entry.encoder
+    assert spec is not None
+    where = f"({entry.file}, key encoder.model_class)"
+    kind = type(model).__name__
+    if spec.text_tower:
+        tower = getattr(model, spec.text_tower, None)
+        if not isinstance(tower, torch.nn.Module):
+            towers = [n for n, _ in model.named_children() if "text" in n] or [n for n, _ in model.named_children()]
+            raise RegistryError(entry.file, "encoder.text_tower", f"{kind} has no module {spec.text_tower!r}",
+                                valid=towers)
+        model = tower
+    elif hasattr(model, "text_model") and hasattr(model, "vision_model"):
+        raise RegistryError(entry.file, "encoder.text_tower", f"{kind} is a full text-and-image checkpoint: name "
+                            "its text tower (text_tower: text_model)", valid=["text_model"])
+    elif getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        model = model.get_encoder()  # T5Model, MT5ForConditionalGeneration...: the encoder reads the prompt
+    params = inspect.signature(model.forward).parameters
+    if "input_ids" not in params:
+        raise PolyBridgeValueError(f"language {entry.code!r}: {kind} cannot serve as a native encoder: its forward "
+                                   f"takes no input_ids (it reads {', '.join(list(params)[:3])}) {where}")
+    if type(model).__name__.endswith(("ForCausalLM", "ForMaskedLM", "LMHeadModel", "ForSequenceClassification")):
+        raise PolyBridgeValueError(f"language {entry.code!r}: {kind} gives its head's outputs (logits), not token "
+                                   f"states; name its base model class (e.g. AutoModel) {where}")
+    return model
+
+
 def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
                  max_chunks: int = DEFAULT_MAX_CHUNKS) -> NativeEncoder:
     """Load the native encoder and tokenizer of a registry entry, frozen, in eval mode.
 
-    Weights are read from safetensors only; a local source is read with ``local_files_only=True``;
+    Weights are read from safetensors only (a ``.bin``-only checkpoint is refused, saying how to convert it);
+    ``encoder.variant`` picks ``model.<variant>.safetensors``; a local source is read with ``local_files_only=True``;
     ``trust_remote_code`` is on only when the entry asks for it. Missing or incomplete weights are
     an error, never a randomly initialised model.
     """
@@ -180,10 +255,8 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
     _check_local(source, entry, "encoder", ENCODER_BUILD_HINT.format(code=entry.code))
     _check_local(tok_source, entry, "tokenizer", TOKENIZER_BUILD_HINT.format(code=entry.code))
 
-    model_cls = getattr(transformers, spec.model_class, None)
-    if model_cls is None:
-        raise RegistryError(entry.file, "encoder.model_class",
-                            f"transformers {transformers.__version__} has no class {spec.model_class!r}")
+    model_cls = _model_class(entry)
+    _refuse_pickled(entry, source)
     if spec.tokenizer_class == "auto":
         tokenizer_cls = transformers.AutoTokenizer
     else:
@@ -204,12 +277,14 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
     model_kwargs = hub_kwargs(source)
     if torch_dtype is not None:
         model_kwargs["dtype"] = torch_dtype
+    if spec.variant:
+        model_kwargs["variant"] = spec.variant
     try:
         model, info = model_cls.from_pretrained(str(source), use_safetensors=True, output_loading_info=True,
                                                 **model_kwargs)
     except (OSError, SafetensorError) as exc:  # a zero-byte or truncated safetensors file is a SafetensorError
         raise PolyBridgeOSError(f"language {entry.code!r}: cannot load encoder {spec.model_class} from {source} "
-                      f"({entry.file}, key encoder.source): {short(exc)}") from exc
+                      f"({entry.file}, key encoder.source): {short(exc)}{_pickle_hint(exc, entry, source)}") from exc
     check_finite(model.named_parameters(), f"language {entry.code!r}: encoder weights in {source} "
                  f"({entry.file}, key encoder.source)")
     missing = sorted(str(k) for k in info.get("missing_keys", ()) if k)
@@ -219,6 +294,7 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
                          f"(missing: {', '.join(map(str, missing[:8])) or 'none'}; wrong shape: "
                          f"{', '.join(str(m[0]) if isinstance(m, tuple) else str(m) for m in mismatched[:8]) or 'none'}); "
                          "refusing to run with randomly initialised weights")
+    model = _text_model(entry, model)
     model.eval()
     model.requires_grad_(False)
     try:
@@ -226,7 +302,7 @@ def load_encoder(entry: LanguageEntry, torch_dtype: torch.dtype | None = None,
     except OSError as exc:
         raise PolyBridgeOSError(f"language {entry.code!r}: cannot load tokenizer from {tok_source} "
                       f"({entry.file}, key encoder.tokenizer): {exc}") from exc
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(positions, int) and spec.max_length > positions:
         raise RegistryError(entry.file, "encoder.max_length",
                             f"{spec.max_length} is longer than the encoder's {positions} positions")

@@ -39,7 +39,8 @@ LANGUAGE_FILE = "language.yaml"
 REGISTRY_ENV = "POLYBRIDGE_REGISTRY"
 
 
-#: transformers text-model classes a native encoder may be loaded with.
+#: Common transformers classes a native encoder is loaded with (suggestions for a misspelt name: any transformers
+#: model class that takes ``input_ids`` serves, a full CLIP-style checkpoint with ``encoder.text_tower``).
 ENCODER_CLASSES: tuple[str, ...] = (
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
@@ -50,6 +51,12 @@ ENCODER_CLASSES: tuple[str, ...] = (
     "RobertaModel",
     "T5EncoderModel",
     "MT5EncoderModel",
+    "UMT5EncoderModel",
+    "SiglipTextModel",
+    "AutoModel",
+    "CLIPModel",
+    "ChineseCLIPModel",
+    "AltCLIPModel",
 )
 
 #: What happens to a prompt in a language whose branch is not trained (see README, "Fallbacks").
@@ -118,6 +125,11 @@ class EncoderSpec:
     max_length: int = 64
     revision: str | None = None
     trust_remote_code: bool = False
+    #: a full checkpoint's text tower, the attribute that holds it (``text_model`` of CLIPModel, ChineseCLIPModel,
+    #: AltCLIPModel); ``None``: ``model_class`` is the text model itself.
+    text_tower: str | None = None
+    #: the weights' variant (``fp16``: ``model.fp16.safetensors``); ``None``: the plain ``model.safetensors``.
+    variant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,7 +191,19 @@ class DataSpec:
     #: is an unnamed "object" in this language's captions); ``own``: the generic shapes plus this language's
     #: ``synthetic.concepts``, the objects its captions name.
     objects: DataObjects = "all"
-
+    #: a ``datasets`` builder that reads the source (``parquet``, ``csv``, ``json``, ``webdataset``, ``arrow``,
+    #: ``imagefolder``; ``saved``: ``load_from_disk``); ``None``: told by the files (see branch_data).
+    format: str | None = None
+    #: after the shorter side is resized to the backbone's resolution: the ``center`` square or a ``random`` one
+    #: (drawn per example from the run's seed, so the same on every run and process count).
+    crop: Literal["center", "random"] = "center"
+    #: a row whose image is corrupt or missing, or whose caption is missing or empty: ``error`` (stop, naming it) or
+    #: ``skip`` (counted, logged, recorded in train_info.json).
+    bad_rows: Literal["error", "skip"] = "error"
+    #: read the source as a stream (``datasets`` IterableDataset): never held in memory, each process its own shard.
+    streaming: bool = False
+    #: examples per file of the on-disk cache of encodings (written as they are made, read memory-mapped).
+    cache_shard_rows: int = 1024
 
 @dataclass(frozen=True)
 class SyntheticSpec:
@@ -622,6 +646,17 @@ def parse_dataclass(cls: type, data: Any, file: Path, key: str = "") -> Any:
     return cls(**values)
 
 
+def _is_transformers_name(name: str) -> bool:
+    """Whether transformers exports ``name`` (its lazy module lists its names without importing the models)."""
+    if not name.isidentifier():
+        return False
+    try:
+        import transformers
+    except ImportError:  # registry files are readable without transformers; loading the encoder then says so
+        return True
+    return name in dir(transformers)
+
+
 def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
@@ -660,9 +695,10 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
                             "a native language needs both an encoder and a branch; the backbone's language has neither")
     if entry.encoder is not None:
         enc = entry.encoder
-        if enc.model_class not in ENCODER_CLASSES:
+        if enc.model_class not in ENCODER_CLASSES and not _is_transformers_name(enc.model_class):
             raise RegistryError(file, "encoder.model_class",
-                                f"unknown encoder class {enc.model_class!r}{_suggest(enc.model_class, ENCODER_CLASSES)}",
+                                f"unknown encoder class {excerpt(enc.model_class)}"
+                                f"{_suggest(enc.model_class, ENCODER_CLASSES)} (transformers has no such class)",
                                 valid=ENCODER_CLASSES)
         if enc.tokenizer_class != "auto" and not TOKENIZER_CLASS.fullmatch(enc.tokenizer_class):
             raise RegistryError(file, "encoder.tokenizer_class", f"{excerpt(enc.tokenizer_class)} is not a tokenizer "
@@ -703,6 +739,8 @@ def _check_language(entry: LanguageEntry, file: Path, expected_code: str) -> Non
         if isinstance(grammar, Path) and grammar.exists() and not grammar.is_file():
             raise RegistryError(file, "synthetic.grammar", f"{grammar} is not a regular file (a grammar is a YAML "
                                 "file)")
+    if entry.data is not None and entry.data.cache_shard_rows < 1:
+        raise RegistryError(file, "data.cache_shard_rows", f"must be at least 1, got {entry.data.cache_shard_rows}")
     if entry.data is not None and entry.data.dataset != "synthetic":
         _check_source(entry.data.dataset, file, "data.dataset", must_exist=True)
         if entry.data.objects != "all":

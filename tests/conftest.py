@@ -49,3 +49,17 @@ def registry_copy(tmp_path: Path) -> Path:
 def _seed():
     """Every test starts from the same torch seed (as diffusers' fast tests do)."""
     torch.manual_seed(0)
+
+
+def point_at_parquet(registry: Path, code: str, rows: int, *, files: int = 2, **data_keys) -> Path:
+    """Make ``code``'s entry train on a streamed folder of ``files`` parquet files of ``rows`` JPEG/caption rows of
+    varied sizes (``caption_<code>``, ``caption_en``, every third row native-only), next to its language.yaml: the
+    throughput benchmark's data (``benchmarks/perf/train_throughput.py``), smaller."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("perf_train_throughput",
+                                                  REPO / "benchmarks" / "perf" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_streamed_data(registry, code, rows, files=files, sides=(8, 41), native_only_every=3,
+                                      **data_keys)

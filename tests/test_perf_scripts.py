@@ -22,13 +22,15 @@ def _load(name: str):
     return module
 
 
-@pytest.mark.parametrize("branch_type", ["bdm", "pea"])
-def test_train_throughput_runs_both_loops(branch_type, capsys):
+@pytest.mark.parametrize("branch_type, streamed", [("bdm", False), ("pea", False), ("pea", True)],
+                         ids=["bdm", "pea", "pea-streamed"])
+def test_train_throughput_runs_both_loops(branch_type, streamed, capsys):
     throughput = _load("train_throughput")
     assert throughput.main(["--branch-type", branch_type, "--batch-size", "4", "--steps", "2", "--warmup", "1",
-                            "--num-samples", "16", "--json"]) == 0
+                            "--num-samples", "16", "--json", *(["--streamed-data"] if streamed else [])]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["branch_type"] == branch_type and result["examples"] == 16
+    assert result["data"] == ("streamed parquet, JPEGs of varied sizes" if streamed else "synthetic")
     assert result["polybridge_samples_per_s"] > 0 and result["diffusers_style_samples_per_s"] > 0
     # the rates are printed to 3 significant digits (0.5% each at most), the ratio to 2 decimals
     from_rates = result["polybridge_samples_per_s"] / result["diffusers_style_samples_per_s"]
@@ -57,3 +59,12 @@ def test_train_step_variants_time_every_variant(capsys):
     assert len(rows) == 3 and all(float(x) > 0 for row in rows for x in row[-3:])
     with pytest.raises(SystemExit):
         variants.main(["--variants", "fast"])
+
+
+@pytest.mark.slow
+def test_data_scale_reports_every_size(capsys):
+    data_scale = _load("data_scale")
+    assert data_scale.main(["--sizes", "40", "80", "--steps", "2", "--batch-size", "4", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["size"] for r in lines] == [40, 80] and [r["examples"] for r in lines] == [40, 80]
+    assert all(r["peak_rss_mb"] > 0 and r["train_samples_per_s"] > 0 for r in lines)

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, registry_with_tiny_backbone
+import pytest
+
+from conftest import REPO, point_at_parquet, registry_with_tiny_backbone
 from polybridge.registry import load_registry
 from polybridge.training.trainer import TrainOptions, train_language
 
@@ -36,8 +38,11 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
 
-def test_two_cpu_processes_train_disjoint_shards_to_identical_weights(tmp_path):
+@pytest.mark.parametrize("data", ["synthetic", pytest.param("streamed", marks=pytest.mark.slow)])
+def test_two_cpu_processes_train_disjoint_shards_to_identical_weights(tmp_path, data):
     registry = registry_with_tiny_backbone(tmp_path / "repo")
+    if data == "streamed":  # two parquet files, each process reads its own and encodes it into its own cache part
+        registry = point_at_parquet(registry, "zh", 32, files=2)
     # lr pinned: the all-reduce sums gradients in another order than one process does, and Adam turns those
     # last-bit differences into weight differences that grow with the learning rate (what is tested here is the
     # sharding and the sync).
@@ -67,6 +72,9 @@ def test_two_cpu_processes_train_disjoint_shards_to_identical_weights(tmp_path):
     # order alone gave up to 1.6e-6 after 3 steps (zh's objects: own scenes), so 1e-5 is a tenth of one step.
     assert all(torch.allclose(two[k], ref[k], rtol=0, atol=1e-5) for k in ref)
     assert single["processes"] == 1
+    if data == "streamed":
+        parts = sorted(p.name for p in (tmp_path / "work2" / "encoded").glob("*/part-*"))
+        assert parts == ["part-00000-of-00002", "part-00001-of-00002"]
 
 
 def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path):
@@ -98,3 +106,45 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path):
     a, b = _weights(tmp_path / "out-full"), _weights(tmp_path / "out-killed")
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run does not end where the uninterrupted one does"
     assert resumed["losses"] == full["losses"]
+
+
+#: Where DeepSpeed may be installed apart (``DS_BUILD_OPS=0 pip install --no-deps --target build/deepspeed-site
+#: deepspeed hjson msgpack ninja einops``), so that importing accelerate elsewhere does not import it (its import
+#: prints a warning on stdout).
+DEEPSPEED_SITE = REPO / "build" / "deepspeed-site"
+
+
+def _deepspeed_runs() -> str | None:
+    """Why DeepSpeed cannot run here (None: it can)."""
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(DEEPSPEED_SITE), str(REPO)])}
+    done = subprocess.run([sys.executable, "-c", "import deepspeed"], env=env, capture_output=True, text=True)
+    if done.returncode:
+        return (f"deepspeed is not importable ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''});"
+                f" `DS_BUILD_OPS=0 pip install deepspeed` (or with --target {DEEPSPEED_SITE})")
+    return None
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_one_cpu_process_trains_streamed_data_like_one_plain_process(tmp_path):
+    why = _deepspeed_runs()
+    if why is not None:
+        pytest.skip(why)
+    registry = point_at_parquet(registry_with_tiny_backbone(tmp_path / "repo"), "zh", 16, files=2)
+    config = (REPO / "scripts" / "accelerate" / "deepspeed_zero2.yaml").read_text(encoding="utf-8")
+    config = config.replace("num_processes: 8", "num_processes: 1").replace("use_cpu: false", "use_cpu: true")
+    (tmp_path / "ds.yaml").write_text(config, encoding="utf-8")
+    train = ["--steps", "3", "--batch-size", "4", "--lr", "1e-4", "--checkpoint-every", "2", *COMMON]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "ds.yaml"),
+              "--main_process_port", str(_free_port()), "-m", "polybridge.cli", "--registry", str(registry), "train",
+              *train, "--work", str(tmp_path / "work-ds"), "--out", str(tmp_path / "out-ds")]
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(DEEPSPEED_SITE), str(REPO)])}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "work-ds" / "checkpoint" / "deepspeed").is_dir()  # ZeRO's own checkpoint of its partitions
+    info = json.loads((tmp_path / "work-ds" / "train_info.json").read_text())
+    assert info["examples"] == 16 and info["processes"] == 1
+    train_language(load_registry(registry), "zh", TrainOptions(
+        max_steps=3, batch_size=4, learning_rate=1e-4, num_samples=32, warmup_steps=1, checkpoint_every=2,
+        progress=False, work_dir=tmp_path / "work1", out_dir=tmp_path / "out1"), log=lambda _m: None)
+    ds, ref = _weights(tmp_path / "out-ds"), _weights(tmp_path / "out1")
+    assert all(torch.allclose(ds[k], ref[k], rtol=0, atol=1e-5) for k in ref)

@@ -331,6 +331,9 @@ def _dataset(n: int = 8, size: int = 16, mode: str = "RGB", **columns):
 
     images = [Image.new(mode, (size, size), color=0) for _ in range(n)]
     data = {"image": images, "text": [f"红色的圆 {i}" for i in range(n)], **columns}
+    if isinstance(columns.get("image"), list) and isinstance(columns["image"][0], bytes):
+        return datasets.Dataset.from_dict(data, features=datasets.Features(
+            {"image": datasets.Image(), "text": datasets.Value("string")}))
     return datasets.Dataset.from_dict(data)
 
 
@@ -339,8 +342,8 @@ def _dataset(n: int = 8, size: int = 16, mode: str = "RGB", **columns):
     (dict(caption_column="text", english_column="en"), dict(), "data.english_column: no column 'en'"),
     (dict(caption_column="text", image_column="img"), dict(), "data.image_column: no column 'img'"),
     (dict(caption_column="text"), dict(n=0), "the dataset is empty"),
-    (dict(caption_column="text"), dict(size=24), r"row 0: image is 24x24 RGB; this backbone takes 16x16 RGB"),
-    (dict(caption_column="text"), dict(mode="L"), r"row 0: image is 16x16 L; this backbone takes 16x16 RGB"),
+    (dict(caption_column="text"), dict(image=[b"not an image"] * 8), r"row 0: column 'image': the image does not "
+                                                                    "decode"),
 ])
 def test_bad_datasets_are_clear_errors(kwargs, dataset, words):
     import datasets

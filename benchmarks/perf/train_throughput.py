@@ -43,7 +43,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -188,22 +190,53 @@ def run_diffusers_style(registry, lang: str, args) -> dict:
     # The dataset holds decoded images; the per-step transform turns them into normalised tensors.
     from PIL import Image
 
-    images = [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"))
-              for t in examples.read_images(range(examples.n))]
+    if examples.stream is None:
+        images = [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"))
+                  for t in examples.read_images(range(examples.n))]
+
+        def pick(gen: torch.Generator) -> list:
+            return torch.randint(0, examples.n, (args.batch_size,), generator=gen).tolist()
+
+        def caption_of(i: Any) -> str:
+            return examples.captions[i]
+
+        def english_of(i: Any) -> str | None:
+            return examples.english[i]
+
+        def pixels_of(items: list) -> torch.Tensor:
+            return images_to_tensor([images[i] for i in items])
+    else:  # a streamed dataset: each step reads its rows from the stream, decodes, resizes and crops them
+        from polybridge.training.branch_data import decode_image, fit_image
+
+        stream = examples.stream
+        rows = _forever(stream)
+
+        def pick(gen: torch.Generator) -> list:
+            return [next(rows) for _ in range(args.batch_size)]
+
+        def caption_of(row: Any) -> str:
+            return row[stream.caption_column]
+
+        def english_of(row: Any) -> str | None:
+            return row.get(stream.english_column) or None
+
+        def pixels_of(items: list) -> torch.Tensor:
+            return torch.stack([fit_image(decode_image(r[stream.image_column], stream.base), size, stream.crop)
+                                for r in items])
     tok = bb.tokenizer
     weights = {"denoise": spec.denoise_weight, "distill_output": spec.distill_output_weight,
                "distill_features": spec.distill_weight}
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
 
     def draw(gen: torch.Generator) -> tuple[list[int], list[str]]:
-        idx = torch.randint(0, examples.n, (args.batch_size,), generator=gen).tolist()
-        captions = [examples.captions[i] if torch.rand(1, generator=gen).item() >= spec.caption_dropout else ""
+        idx = pick(gen)
+        captions = [caption_of(i) if torch.rand(1, generator=gen).item() >= spec.caption_dropout else ""
                     for i in idx]
         return idx, captions
 
     @torch.no_grad()
     def encode(idx: list[int], captions: list[str]) -> tuple:
-        pixel_values = images_to_tensor([images[i] for i in idx]).to(device=device, dtype=weight_dtype)
+        pixel_values = pixels_of(idx).to(device=device, dtype=weight_dtype)
         latents = bb.vae.encode(pixel_values).latent_dist.sample() * bb.vae.config.scaling_factor
         native, mask = encoder.encode_with_mask(captions)
         empty = tok([""] * len(idx), padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -213,8 +246,8 @@ def run_diffusers_style(registry, lang: str, args) -> dict:
         if distil:
             # as the trainer: a dropped caption is "" on both sides (a parallel pair); a native-only example
             # (no English caption) is left out of the distillation
-            english = [(examples.english[i] or "") if c else "" for i, c in zip(idx, captions)]
-            parallel = torch.tensor([examples.english[i] is not None or not c for i, c in zip(idx, captions)],
+            english = [(english_of(i) or "") if c else "" for i, c in zip(idx, captions)]
+            parallel = torch.tensor([english_of(i) is not None or not c for i, c in zip(idx, captions)],
                                     device=device)
             ids = tok(english, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(device)
@@ -259,6 +292,59 @@ def run_diffusers_style(registry, lang: str, args) -> dict:
             "final_loss": round(loss.item(), 6)}
 
 
+def _forever(stream: Any) -> Iterator[dict]:
+    """The stream's raw rows (images not decoded), over and over."""
+    import datasets
+
+    part, _ = stream.split(0, 1)
+    if isinstance((part.features or {}).get(stream.image_column), datasets.Image):
+        part = part.cast_column(stream.image_column, datasets.Image(decode=False))
+    while True:
+        yield from part
+
+
+def write_streamed_data(registry: Path, lang: str, n: int, files: int = 4, sides: tuple[int, int] = (16, 97),
+                        native_only_every: int = 0, **data_keys: Any) -> Path:
+    """``n`` rows of JPEG images of varied sizes (sides drawn from ``sides``: by default about half to three times
+    the default backbone's, any aspect) in ``files`` parquet files, and ``lang``'s entry pointed at them, streamed
+    (``data_keys`` added to its ``data:``); every ``native_only_every``-th row has no English caption."""
+    import io
+
+    import datasets
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    folder = registry.parent / "languages" / lang
+    rng = np.random.default_rng(0)
+    images, captions, english = [], [], []
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(*sides, 2))
+        # smooth content (a gradient and noise) so the JPEG is a realistic size, not noise
+        x = np.linspace(0, 255, w)[None, :, None] * rng.random(3)[None, None, :]
+        y = np.linspace(0, 255, h)[:, None, None] * rng.random(3)[None, None, :]
+        pixels = np.clip(x + y + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        images.append({"bytes": buf.getvalue(), "path": None})
+        captions.append(f"第 {i} 张 红色的圆在左边")
+        english.append(None if native_only_every and i % native_only_every == 0 else
+                       f"picture {i}: a red circle on the left")
+    ds = datasets.Dataset.from_dict({"image": images, f"caption_{lang}": captions, "caption_en": english},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                f"caption_{lang}": datasets.Value("string"),
+                                                                "caption_en": datasets.Value("string")}))
+    (folder / "pairs").mkdir(exist_ok=True)
+    per = -(-n // files)
+    for f in range(files):
+        ds.select(range(f * per, min(n, (f + 1) * per))).to_parquet(str(folder / "pairs" / f"{f:05d}.parquet"))
+    entry = yaml.safe_load((folder / "language.yaml").read_text(encoding="utf-8"))
+    entry["data"] = {"dataset": "./pairs", "caption_column": f"caption_{lang}", "english_column": "caption_en",
+                     "streaming": True, "crop": "center", **data_keys}
+    (folder / "language.yaml").write_text(yaml.safe_dump(entry, allow_unicode=True), encoding="utf-8")
+    return registry
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -280,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
                         help="both sides (default no); fp16 needs a GPU, bf16 a GPU or a CPU with bf16 units, "
                         "else fp32")
+    parser.add_argument("--streamed-data", action="store_true",
+                        help="both sides read a streamed parquet dataset of --num-samples JPEGs of varied sizes "
+                        "(decode, resize, crop) instead of the synthetic world")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if args.backbone is not None and args.sd15:
@@ -296,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pb-throughput-") as tmp:
         tmp = Path(tmp)
         (tmp / "registry").mkdir()
-        registry = load_registry(make_registry(tmp / "registry", args.lang, args.backbone, args.sd15))
+        registry_file = make_registry(tmp / "registry", args.lang, args.backbone, args.sd15)
+        if args.streamed_data:
+            write_streamed_data(registry_file, args.lang, args.num_samples)
+        registry = load_registry(registry_file)
         entry = registry.language(args.lang)
         ours = run_polybridge(registry, args.lang, args, tmp)
         theirs = run_diffusers_style(registry, args.lang, args)
@@ -306,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "backbone": str(args.backbone) if args.backbone else ("sd15 (random)" if args.sd15 else
                                                               "embedded default architecture (random)"),
+        "data": "streamed parquet, JPEGs of varied sizes" if args.streamed_data else "synthetic",
         "language": args.lang, "branch_type": args.branch_type or entry.branch.type, "batch_size": args.batch_size,
         "steps": args.steps, "examples": ours["examples"], "threads": args.threads,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "mixed_precision": args.mixed_precision,
@@ -327,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"backbone: {result['backbone']}; language {args.lang}, branch {result['branch_type']}, batch "
           f"{args.batch_size}, {args.steps} timed steps after {args.warmup}, {result['device']}, "
-          f"{args.threads} thread(s), mixed precision {args.mixed_precision}")
+          f"{args.threads} thread(s), mixed precision {args.mixed_precision}, data: {result['data']}")
     print(f"  polybridge trainer (encodings cached):   {result['polybridge_samples_per_s']:>8} samples/s  "
           f"({result['polybridge_samples_per_cpu_s']} per CPU-second)")
     print(f"  diffusers-style loop (nothing cached):   {result['diffusers_style_samples_per_s']:>8} samples/s  "

@@ -64,6 +64,7 @@ from polybridge.training.branch_data import (
     encode_backbone_text,
     encode_examples,
     load_examples,
+    sharded_encodings,
     weights_digest,
 )
 from polybridge.training.checkpoint import STATE_FILE, checkpoint_step, load_checkpoint, save_checkpoint
@@ -123,6 +124,7 @@ class TrainOptions:
     log_data_order: bool = False
     cache_batch: int = 256
     save_dtype: str = "float32"  # dtype the written branch is stored in (float16 halves it; it loads as float32)
+    dataset: Any = None  # a datasets Dataset / IterableDataset read instead of the entry's data.dataset (its columns)
 
 
 def resolve_spec(entry: LanguageEntry, options: TrainOptions) -> TrainingSpec:
@@ -520,7 +522,7 @@ def _data(registry: Registry, plan: _Plan, options: TrainOptions, frozen: _Froze
             "denoising loss only")
         distil = False
     examples = load_examples(registry, entry, image_size=image_size, seed=spec.seed, num_samples=options.num_samples,
-                             need_english=distil, objects=options.objects)
+                             need_english=distil, objects=options.objects, dataset=options.dataset)
     assert entry.encoder is not None
     settings = {
         "language": plan.code, "branch_type": plan.branch_type, "branch_options": plan.branch_options,
@@ -888,6 +890,18 @@ def _encodings(examples: Examples, frozen: _Frozen, accelerator: Any, work: Path
                      "text_encoder": weights_digest(*frozen.backbone.frozen_modules()[2:]) if english else None,
                      "english": english, "dtype": str(dtype), "max_length": frozen.encoder.max_length,
                      "hidden_layer": frozen.encoder.hidden_layer})
+    if examples.stream is not None:  # a dataset: encoded into shards as it is read, then read memory-mapped
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"encode {settings['language']} (frozen, once)", dynamic_ncols=True,
+                   disable=not (options.progress and accelerator.is_main_process))
+        encoded = sharded_encodings(examples, work / "encoded" / key, key, rank=accelerator.process_index,
+                                    world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+                                    vae=frozen.vae, encoder=frozen.encoder, backbone=frozen.backbone,
+                                    device=accelerator.device, dtype=dtype, batch_size=options.cache_batch, log=say,
+                                    progress=bar.update)
+        bar.close()
+        return encoded
     images = {k: v for k, v in settings["data"].items() if k not in ("caption_column", "english_column", "native_only")}
     latent_key = cache_key({"images": images, "vae": vae_digest, "dtype": str(dtype)})
     file = work / CACHE_DIR / CACHE_FILE
