@@ -415,8 +415,21 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         return [language] * len(prompts)
 
     def _rows(self, prompts: list[str], negatives: list[str], englishes: list[str],
-              language: str | None) -> list[_Row]:
-        """What each prompt row feeds the backbone and each branch."""
+              language: str | list[str | None] | None) -> list[_Row]:
+        """What each prompt row feeds the backbone and each branch. ``language`` may be a list, one code (or ``None``:
+        routed) per prompt, so that prompts in different languages share one call (``polybridge serve`` does)."""
+        if isinstance(language, (list, tuple)):
+            if len(language) != len(prompts):
+                raise PolyBridgeValueError(f"language: {len(language)} codes for {len(prompts)} prompts; give one "
+                                           "code (or None: routed) per prompt, or a single code")
+            placed: list[_Row | None] = [None] * len(prompts)
+            for code in dict.fromkeys(language):
+                on = [i for i, c in enumerate(language) if c == code]
+                picked = self._rows([prompts[i] for i in on], [negatives[i] for i in on], [englishes[i] for i in on],
+                                    code)
+                for i, row in zip(on, picked):
+                    placed[i] = row
+            return placed  # type: ignore[return-value]
         if language is not None:  # one language for every row: the prompt goes to its branch, or to the backbone
             rows = []
             for code, text, neg, eng in zip(self.resolve_languages(prompts, language), prompts, negatives, englishes):

@@ -8,7 +8,7 @@ that need them. Set ``POLYBRIDGE_DEBUG=1`` to get the full traceback instead of 
 
 A thin door: one module per command group (:mod:`~polybridge.cli.registry`, :mod:`~polybridge.cli.synth`,
 :mod:`~polybridge.cli.generate`, :mod:`~polybridge.cli.route`, :mod:`~polybridge.cli.tokenizer`,
-:mod:`~polybridge.cli.train`, :mod:`~polybridge.cli.bench`), each adding its own subcommands to the parser and
+:mod:`~polybridge.cli.train`, :mod:`~polybridge.cli.bench`, :mod:`~polybridge.cli.serve`), each adding its own subcommands to the parser and
 handing the work to the library; :mod:`~polybridge.cli.common` holds what they share.
 """
 
@@ -20,14 +20,14 @@ import sys
 from typing import Callable, Sequence
 
 from polybridge import __version__
-from polybridge.cli import bench, generate, registry, route, synth, tokenizer, train
+from polybridge.cli import bench, generate, registry, route, serve, synth, tokenizer, train
 from polybridge.cli.common import EXIT_USAGE, CommandError, check_text_arguments, run_command
 from polybridge.errors import PolyBridgeError
 
 __all__ = ["CommandError", "EXIT_USAGE", "build_parser", "main"]
 
 #: The command groups, in the order ``polybridge --help`` lists them.
-GROUPS = (registry, synth, generate, route, tokenizer, train, bench)
+GROUPS = (registry, synth, generate, route, tokenizer, train, bench, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

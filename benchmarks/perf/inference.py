@@ -1,0 +1,284 @@
+"""Inference figures, each a ratio of two sides measured turn about in one process (medians of the rounds).
+
+    python benchmarks/perf/inference.py                     # the embedded default (tiny): all three parts
+    python benchmarks/perf/inference.py --sd15 --steps 2 --batch 1 --rounds 2 --parts step   # SD 1.5's architecture
+    python benchmarks/perf/inference.py --device cuda --sd15   # on a GPU (the targets are about SD 1.5's size)
+
+1. ``step``: the cost of a pipeline call (``output_type="latent"``: text encoders + the denoising loop) with a bdm
+   branch and with a pea adapter against the plain backbone on an English prompt, same batch and steps
+   (targets at SD 1.5's size: bdm <= 1.38x, the FLOP ratio being 1.35; pea <= 1.05x).
+2. ``mixed``: 4 languages x 4 prompts in one call, against four per-language pipelines each with its own backbone
+   (one call each), and against 16 single calls; memory: the parameters of one pipeline with 6 languages against
+   backbone + encoders + branches counted apart (target <= 1.10x), and against 6 per-language pipelines.
+3. ``server``: ``polybridge serve``'s app in process (httpx's ASGI transport, no sockets) under 64 concurrent
+   clients in 4 languages, against the same 64 requests one at a time: throughput, p50/p95 latency, requests lost.
+
+SD 1.5's architecture has random weights built in code (``benchmarks/perf/train_throughput.py``'s builder); its native
+encoder is 1024 wide (Chinese-CLIP's width) with 2 layers (the encoder runs once a call, not per step). A pea adapter
+is 1024 -> 2048 -> 2048 -> 768 there (README, "Branches and the pipeline"); at the tiny size 96 -> 768 -> 768 -> 64.
+Writes JSON to ``--out`` (default ``benchmarks/results/inference-<arch>.json``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from polybridge.branches import get_branch_class  # noqa: E402
+from polybridge.pipeline import PolyBridgePipeline  # noqa: E402
+
+MIXED = {"en": ["a red circle on the left", "a blue square at the top", "a green triangle on the right",
+                "a small yellow circle"],
+         "zh": ["左边有一个红色的灯笼", "在黑色背景上有一个蓝色的圆", "右边有一个绿色的三角形", "上面有一个黄色的方块"],
+         "ja": ["左に赤い鳥居", "黒い背景に青い丸", "右に緑の三角", "上に黄色い四角"],
+         "ru": ["красный фонарь слева", "синий круг на чёрном фоне", "зелёный треугольник справа", "жёлтый квадрат"]}
+SIX = ["zh", "ja", "ko", "ru", "ar", "es"]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _interleaved(sides: dict, rounds: int, device: str) -> dict[str, float]:
+    """Median seconds of each side, the sides run turn about in every round (one warm-up round first)."""
+    for fn in sides.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(rounds):
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
+        for name in order:
+            times[name].append(_timed(sides[name], device))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+# --------------------------------------------------------------------------- building the pipelines
+
+
+def _tiny(languages: list[str], device: str) -> PolyBridgePipeline:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = PolyBridgePipeline.from_registry(languages=["en", *languages], device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sd15(work: Path, languages: list[str], device: str) -> PolyBridgePipeline:
+    """SD 1.5's architecture with random weights; each language a random 1024-wide, 2-layer native encoder (its
+    committed tokenizer) and an untrained bdm branch (zero convs perturbed, so that it does work)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    from polybridge.encoders import NativeEncoder
+    from train_throughput import _random_backbone
+
+    folder = work / "sd15"
+    if not folder.exists():
+        _random_backbone(folder, sd15=True)
+    sd = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe = PolyBridgePipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                              scheduler=sd.scheduler)
+    for i, code in enumerate(languages):
+        tok = AutoTokenizer.from_pretrained(REPO / "languages" / code / "tokenizer")
+        torch.manual_seed(i)
+        model = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=4096,
+                                             num_hidden_layers=2, num_attention_heads=16, max_position_embeddings=64,
+                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                             pad_token_id=tok.pad_token_id))
+        encoder = NativeEncoder(model, tok, code=code, name=f"random-1024/{code}", max_length=64)
+        pipe.add_language(code, encoder, get_branch_class("bdm").from_unet(pipe.unet, 1024))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _with_pea(pipe: PolyBridgePipeline, code: str, sd15: bool) -> str:
+    """Add ``code``'s encoder again as language ``pea`` with a random pea adapter; its code."""
+    encoder = pipe.encoders[code]
+    options = {} if sd15 else {"hidden_size": 768}
+    adapter = get_branch_class("pea").from_unet(pipe.unet, encoder.hidden_size, **options)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    pipe.add_language("pea", encoder, adapter.to(pipe.device))
+    return "pea"
+
+
+def _params(*modules) -> int:
+    seen, total = set(), 0
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+def part_step(pipe: PolyBridgePipeline, args, sd15: bool) -> dict:
+    pea = _with_pea(pipe, "zh", sd15)
+    prompt_zh, prompt_en = MIXED["zh"][0], MIXED["en"][0]
+    kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, output_type="latent")
+
+    def call(prompt, code):
+        return lambda: pipe([prompt] * args.batch, language=code, generator=torch.Generator().manual_seed(0), **kw)
+
+    t = _interleaved({"plain": call(prompt_en, "en"), "bdm": call(prompt_zh, "zh"), "pea": call(prompt_zh, pea)},
+                     args.rounds, args.device)
+    return {"seconds": t, "bdm_vs_plain": t["bdm"] / t["plain"], "pea_vs_plain": t["pea"] / t["plain"],
+            "batch": args.batch, "steps": args.steps, "targets_sd15": {"bdm": 1.38, "pea": 1.05}}
+
+
+def part_mixed(pipe: PolyBridgePipeline, args, sd15: bool, work: Path) -> dict:
+    codes = list(MIXED)
+    prompts = [p for c in codes for p in MIXED[c]]
+    languages = [c for c in codes for _ in MIXED[c]]
+    kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, output_type="latent")
+    gens = lambda k: [torch.Generator().manual_seed(i) for i in range(k)]  # noqa: E731
+    # four per-language pipelines, each with its own backbone (as peers load a model per language)
+    per_language = {c: (_sd15(work, [] if c == "en" else [c], args.device) if sd15 else
+                        _tiny([] if c == "en" else [c], args.device)) for c in codes}
+    sides = {
+        "mixed_one_call": lambda: pipe(prompts, language=languages, generator=gens(16), **kw),
+        "four_pipelines": lambda: [per_language[c](MIXED[c], language=c, generator=gens(4), **kw) for c in codes],
+        "sixteen_calls": lambda: [pipe(p, language=c, generator=gens(1), **kw) for p, c in zip(prompts, languages)],
+    }
+    t = _interleaved(sides, args.rounds, args.device)
+    per_pipe_bytes = {c: _params(p.unet, p.vae, p.text_encoder, *p.encoders.values(), *p.branches.values())
+                      for c, p in per_language.items()}
+    # memory with 6 languages loaded
+    # SD 1.5 size: the languages loaded (6 bdm branches of SD 1.5 are ~2.2B parameters, too many for a small machine)
+    six = pipe if sd15 else _tiny(SIX, args.device)
+    loaded = [c for c in six.encoders if c != "pea"]
+    apart = _params(six.unet, six.vae, six.text_encoder) + sum(
+        _params(six.encoders[c]) + _params(six.branches[c]) for c in loaded)
+    whole = _params(*(m for m in six.components.values() if isinstance(m, torch.nn.Module)))  # each parameter once
+    backbone = _params(six.unet, six.vae, six.text_encoder)
+    per_language_total = sum(backbone + _params(six.encoders[c]) + _params(six.branches[c]) for c in loaded)
+    return {"seconds": t, "images_per_second": {k: 16 / v for k, v in t.items()},
+            "mixed_vs_four_pipelines": t["four_pipelines"] / t["mixed_one_call"],
+            "mixed_vs_sixteen_calls": t["sixteen_calls"] / t["mixed_one_call"],
+            "memory": {"languages_loaded": loaded, "pipeline_bytes": whole, "parts_apart_bytes": apart,
+                       "pipeline_vs_parts": whole / apart, "six_per_language_pipelines_bytes": per_language_total,
+                       "saved_vs_per_language_pipelines": per_language_total / whole,
+                       "four_pipelines_bytes": sum(per_pipe_bytes.values())},
+            "target": {"mixed_vs_four_pipelines": 2.5, "pipeline_vs_parts": 1.10}}
+
+
+def part_server(pipe: PolyBridgePipeline, args) -> dict:
+    import httpx
+
+    from polybridge.serve.app import ServeOptions, create_app
+
+    clients = args.clients
+    codes = list(MIXED)
+    bodies = [{"prompt": MIXED[codes[i % 4]][(i // 4) % 4], "steps": args.server_steps, "seed": i}
+              for i in range(clients)]
+
+    async def run(concurrent: bool) -> tuple[float, list[float], int]:
+        app = create_app(pipe, ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                            max_queue=max(256, clients)))
+        app.state.service.batcher.start()
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=600) as client:
+                async def one(body):
+                    t = time.perf_counter()
+                    r = await client.post("/api/generate", json=body)
+                    return time.perf_counter() - t, r.status_code
+                started = time.perf_counter()
+                if concurrent:
+                    results = await asyncio.gather(*(one(b) for b in bodies))
+                else:
+                    results = [await one(b) for b in bodies]
+                wall = time.perf_counter() - started
+                metrics = (await client.get("/metrics")).json()
+        finally:
+            app.state.service.batcher.stop()
+        lost = sum(code != 200 for _, code in results)
+        return wall, sorted(lat for lat, _ in results), lost, metrics["batches"]
+
+    out = {}
+    for name, concurrent in (("one_at_a_time", False), ("concurrent", True), ("one_at_a_time_2", False),
+                             ("concurrent_2", True)):
+        wall, lat, lost, batches = asyncio.run(run(concurrent))
+        out[name] = {"seconds": wall, "requests_per_second": clients / wall, "p50": lat[len(lat) // 2],
+                     "p95": lat[min(len(lat) - 1, int(0.95 * len(lat)))], "lost": lost,
+                     "mean_batch_rows": batches["mean_rows"]}
+    seq = statistics.median([out["one_at_a_time"]["seconds"], out["one_at_a_time_2"]["seconds"]])
+    con = statistics.median([out["concurrent"]["seconds"], out["concurrent_2"]["seconds"]])
+    out["throughput_vs_one_at_a_time"] = seq / con
+    out["clients"], out["steps"] = clients, args.server_steps
+    out["lost_total"] = sum(v["lost"] for v in out.values() if isinstance(v, dict))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sd15", action="store_true", help="SD 1.5's architecture (random weights) instead of tiny")
+    parser.add_argument("--parts", nargs="+", default=["step", "mixed", "server"], choices=["step", "mixed", "server"])
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps a call (parts step and mixed)")
+    parser.add_argument("--batch", type=int, default=16, help="prompts a call in part step")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--server-steps", type=int, default=10)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=50.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arch = "sd15" if args.sd15 else "tiny"
+    result = {"arch": arch, "device": args.device, "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        work = Path(tmp)
+        codes = list(MIXED)[1:] if "mixed" in args.parts or not args.sd15 else ["zh"]
+        pipe = _sd15(work, codes, args.device) if args.sd15 else _tiny(codes, args.device)
+        if "step" in args.parts:
+            result["step"] = part_step(pipe, args, args.sd15)
+            print(f"[{arch}] per call, batch {args.batch}, {args.steps} steps: bdm {result['step']['bdm_vs_plain']:.3f}x, "
+                  f"pea {result['step']['pea_vs_plain']:.3f}x the plain backbone", flush=True)
+        if "mixed" in args.parts:
+            m = result["mixed"] = part_mixed(pipe, args, args.sd15, work)
+            print(f"[{arch}] 4x4 mixed in one call: {m['mixed_vs_four_pipelines']:.2f}x four per-language pipelines, "
+                  f"{m['mixed_vs_sixteen_calls']:.2f}x sixteen single calls; memory with 6 languages "
+                  f"{m['memory']['pipeline_vs_parts']:.3f}x the parts, per-language pipelines "
+                  f"{m['memory']['saved_vs_per_language_pipelines']:.2f}x", flush=True)
+        if "server" in args.parts:
+            s = result["server"] = part_server(pipe, args)
+            print(f"[{arch}] server, {args.clients} clients: {s['throughput_vs_one_at_a_time']:.2f}x one at a time; "
+                  f"concurrent p50 {s['concurrent']['p50']:.2f}s p95 {s['concurrent']['p95']:.2f}s; "
+                  f"lost {s['lost_total']}", flush=True)
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"inference-{arch}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=float) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
