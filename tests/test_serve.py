@@ -117,7 +117,7 @@ def client(pipe):
     ({"prompt": "x", "language": "hi"}, 422, "language", "not loaded in this server; loaded: en, zh, ja"),
     ({"prompt": "x", "language": "en", "english_prompt": "y"}, 422, "english_prompt", "backbone"),
     ({"prompt": "красный фонарь"}, 422, "prompt", "ru"),
-    ({"prompt": "x", "plugins": ["ink-lora"]}, 422, "plugins", "unknown plugin 'ink-lora'; the registry offers: none"),
+    ({"prompt": "x", "plugins": ["ink-lora"]}, 422, "plugins", "unknown plugin 'ink-lora'; this server offers: none"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_field(client, body, status, field, says):
     r = client.post("/api/generate", json=body)

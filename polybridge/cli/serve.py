@@ -40,6 +40,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if "UNTRAINED" in str(w.message) or "untrained" in str(w.message):
             print(f"polybridge: {str(w.message).split('. ')[0]}", file=sys.stderr)
     pipe.set_progress_bar_config(disable=True)
+    from polybridge.plugins.use import load_served_plugins
+
+    for name, why in load_served_plugins(pipe, reg, args.plugins).items():
+        print(f"polybridge: plugin {name!r} is not served: {why}", file=sys.stderr)
     app = create_app(pipe, ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                         max_queue=args.max_queue))
     print(f"polybridge: serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
@@ -64,6 +68,9 @@ def add_commands(sub: Any) -> None:
                    help="how long the oldest request waits for others to share its call (default 50)")
     p.add_argument("--max-queue", type=positive_int, default=256,
                    help="requests waiting before the server answers 503 (default 256)")
+    p.add_argument("--plugins", nargs="+", default=None, metavar="NAME",
+                   help="LoRA and Textual Inversion plugins of the registry that requests may choose (default: every "
+                        "one that fits the backbone)")
     p.add_argument("--device", default=None, help="torch device (default: CPU)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

@@ -173,3 +173,45 @@ def check_plugin(registry: Any, name: str) -> str:
         detail = "; ".join(f"{k}: {b!r} (backbone {spec.backbone!r}: {a!r})" for k, (a, b) in list(diff.items())[:4])
         raise PluginError(f"{where}: not for backbone {spec.backbone!r}'s architecture: {detail}")
     return "ok"
+
+
+#: The plugin kinds a server applies per request (a ControlNet needs a hint image, a checkpoint is a backbone).
+SERVED_KINDS = ("lora", "textual_inversion")
+
+
+def load_served_plugins(pipe: Any, registry: Any, names: Sequence[str] | None = None) -> dict[str, str]:
+    """Load every LoRA and Textual Inversion plugin of ``registry`` that fits ``pipe`` (or those in ``names``) so
+    that requests can choose them row by row; returns ``{name: why}`` for each plugin not loaded.
+
+    Every LoRA stays loaded and active with its registry scale; a call picks each row's adapter with
+    ``lora_adapters=`` (:mod:`polybridge.plugins.lora`). A LoRA that also adapts a text encoder is not served: the
+    rows of one call share the text encoder, so its text side would reach every row."""
+    from polybridge.plugins.lora import adapter_names_of, lora_layers
+
+    unknown = sorted(set(names or ()) - set(registry.plugins))
+    if unknown:
+        raise PluginError(f"plugins {', '.join(map(repr, unknown))} are not in {registry.file}; its plugins: "
+                          f"{', '.join(registry.plugins) or '(none)'}")
+    skipped = {}
+    for name, spec in registry.plugins.items():
+        if names is not None and name not in names:
+            continue
+        if spec.kind not in SERVED_KINDS:
+            skipped[name] = (f"a {spec.kind} plugin: the server applies {' and '.join(SERVED_KINDS)} plugins per "
+                             "request; `polybridge generate` applies this one")
+            continue
+        try:
+            use_plugins(pipe, registry, **({"loras": [name]} if spec.kind == "lora" else {"tis": [name]}))
+        except PluginError as exc:
+            skipped[name] = str(exc)
+            continue
+        encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+        if spec.kind == "lora" and any(name in layer.lora_A for m in encoders if m is not None
+                                       for layer in lora_layers(m)):
+            pipe.delete_adapters([name])
+            skipped[name] = ("adapts the text encoder too; the rows of one call share the text encoder, so the "
+                             "server serves UNet-only LoRAs")
+    loaded = adapter_names_of(pipe.unet)
+    if loaded:
+        pipe.set_adapters(loaded, adapter_weights=[registry.plugin(n).scale for n in loaded])
+    return skipped

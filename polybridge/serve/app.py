@@ -94,10 +94,20 @@ def _router_like(pipe: Any) -> Any:
                   threshold=base.threshold, routes=base.routes, untrained=sorted(base.untrained))
 
 
-def registry_plugins(registry: Any) -> list[str]:
-    """The plugin names the registry offers (none while the registry has no plugins)."""
-    plugins = getattr(registry, "plugins", None) or {}
-    return sorted(plugins)
+def served_plugins(pipe: Any) -> dict[str, Any]:
+    """The registry's plugins loaded into ``pipe`` for requests to choose (see
+    :func:`polybridge.plugins.use.load_served_plugins`): LoRAs whose adapter is in the UNet, Textual Inversions whose
+    token the tokenizer knows."""
+    registry = getattr(pipe, "registry", None)
+    specs = getattr(registry, "plugins", None) or {}
+    if not specs:
+        return {}
+    from polybridge.plugins.lora import adapter_names_of
+
+    adapters, vocab = set(adapter_names_of(pipe.unet)), pipe.tokenizer.get_vocab()
+    return {name: spec for name, spec in sorted(specs.items())
+            if (spec.kind == "lora" and name in adapters)
+            or (spec.kind == "textual_inversion" and spec.token is not None and spec.token in vocab)}
 
 
 class Service:
@@ -117,7 +127,7 @@ class Service:
         self.scale = pipe.vae_scale_factor
         self.default_size = (sample if isinstance(sample, int) else sample[0]) * self.scale
         self.max_size = self.default_size * options.max_size_factor
-        self.plugins = registry_plugins(getattr(pipe, "registry", None))
+        self.plugins = served_plugins(pipe)
 
     def info(self) -> dict[str, Any]:
         registry = getattr(self.pipe, "registry", None)
@@ -127,7 +137,10 @@ class Service:
             languages.append({"code": code, "name": getattr(entry, "name", code),
                               "native_name": getattr(entry, "native_name", None) or getattr(entry, "name", code),
                               "route": state.route, "trained": state.trained})
-        return {"backbone_language": self.backbone_language, "languages": languages, "plugins": self.plugins,
+        plugins = [{"name": name, "kind": spec.kind, "description": spec.description,
+                    **({"token": spec.token} if spec.kind == "textual_inversion" else {"scale": spec.scale})}
+                   for name, spec in self.plugins.items()]
+        return {"backbone_language": self.backbone_language, "languages": languages, "plugins": plugins,
                 "defaults": {"steps": 25, "guidance": 7.5, "size": self.default_size, "n": 1},
                 "limits": {"prompt_chars": MAX_PROMPT_CHARS, "steps": MAX_STEPS, "guidance": MAX_GUIDANCE,
                            "images": min(MAX_IMAGES, self.options.max_batch), "seed": MAX_SEED,
@@ -149,13 +162,7 @@ class Service:
                                 f"{self.max_size}", "size")
         if req.seed is not None and req.seed + req.n - 1 > MAX_SEED:
             raise ApiError(422, f"seed: seed + n - 1 must be at most {MAX_SEED}", "seed")
-        for name in req.plugins:
-            if name not in self.plugins:
-                offered = ", ".join(self.plugins) or "none (the registry names no plugins)"
-                raise ApiError(422, f"plugins: unknown plugin {name!r}; the registry offers: {offered}", "plugins")
-        if req.plugins:
-            raise ApiError(422, f"plugins: {', '.join(req.plugins)} are in the registry, but this server does not "
-                                "apply plugins yet", "plugins")
+        lora, tokens = self._plugins(req.plugins)
         plan = None
         if req.language is not None:
             if req.language not in self.languages:
@@ -173,10 +180,29 @@ class Service:
                                         f"cannot run ({span.target}); loaded: {', '.join(self.languages)}; or pass "
                                         "language", field)
         seed = random.randint(0, MAX_SEED - req.n + 1) if req.seed is None else req.seed
-        job = GenerateJob(prompt=req.prompt, language=req.language, negative_prompt=req.negative_prompt,
-                          english_prompt=req.english_prompt, steps=req.steps, guidance=float(req.guidance),
-                          seed=seed, size=req.size, n=req.n, plugins=tuple(req.plugins))
+        prompt, english = req.prompt, req.english_prompt
+        if tokens:  # a Textual Inversion's token goes where English words go: the English part, or an English prompt
+            if req.language is not None and self.languages[req.language].route == "backbone":
+                prompt = " ".join([prompt, *tokens])
+            else:
+                english = " ".join([english, *tokens]).strip()
+        job = GenerateJob(prompt=prompt, language=req.language, negative_prompt=req.negative_prompt,
+                          english_prompt=english, steps=req.steps, guidance=float(req.guidance),
+                          seed=seed, size=req.size, n=req.n, lora=lora)
         return job, plan
+
+    def _plugins(self, names: list[str]) -> tuple[str | None, list[str]]:
+        """A request's plugins: its LoRA (one at most: each row runs one adapter) and its Textual Inversion tokens."""
+        for name in names:
+            if name not in self.plugins:
+                offered = ", ".join(self.plugins) or "none (the registry names no plugins this server applies)"
+                raise ApiError(422, f"plugins: unknown plugin {name!r}; this server offers: {offered}", "plugins")
+        loras = [n for n in dict.fromkeys(names) if self.plugins[n].kind == "lora"]
+        if len(loras) > 1:
+            raise ApiError(422, f"plugins: {', '.join(loras)}: one LoRA a request (each image runs one adapter)",
+                           "plugins")
+        tokens = [self.plugins[n].token for n in dict.fromkeys(names) if self.plugins[n].kind == "textual_inversion"]
+        return (loras[0] if loras else None), tokens
 
     async def run(self, job: GenerateJob, request: Any) -> GenerateResult | None:
         """The job's result; None when the client went away first (the job is dropped if it has not started)."""

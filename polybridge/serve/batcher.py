@@ -3,7 +3,7 @@
 torch is not re-entrant and a denoising loop takes seconds, so the model runs in one thread of its own and the event
 loop only enqueues jobs and awaits their futures. The worker takes the oldest job, then waits until ``max_wait_ms``
 after that job arrived (or until ``max_batch`` rows are there) for more jobs that can share its call: the same
-steps, guidance, size and plugins (:attr:`GenerateJob.key`); languages may differ, each row has its own. Jobs that
+steps, guidance and size (:attr:`GenerateJob.key`); languages may differ, each row has its own. Jobs that
 cannot share wait for a later call, in order. A job whose client has gone is cancelled and dropped before it runs.
 
 When the queue holds ``max_queue`` jobs, :meth:`Batcher.submit` raises :class:`QueueFull`, whose ``retry_after``
@@ -36,12 +36,12 @@ class GenerateJob:
     seed: int = 0
     size: int | None = None  # None: the backbone's size
     n: int = 1
-    plugins: tuple[str, ...] = ()
+    lora: str | None = None  # the LoRA plugin its rows run (each row of a call may run another)
 
     @property
     def key(self) -> tuple[Any, ...]:
-        """Jobs with the same key can run in one pipeline call."""
-        return (self.steps, self.guidance, self.size, self.plugins)
+        """Jobs with the same key can run in one pipeline call (languages and LoRAs may differ row by row)."""
+        return (self.steps, self.guidance, self.size)
 
 
 @dataclass

@@ -5,7 +5,8 @@ generators (``seed + i`` for image ``i``), so each job's images are those the jo
 
     pipe(job.prompt, language=job.language, negative_prompt=job.negative_prompt, english_prompt=job.english_prompt,
          num_inference_steps=job.steps, guidance_scale=job.guidance, height=job.size, width=job.size,
-         generator=[torch.Generator().manual_seed(job.seed + i) for i in range(job.n)], num_images_per_prompt=job.n)
+         generator=[torch.Generator().manual_seed(job.seed + i) for i in range(job.n)], num_images_per_prompt=job.n,
+         lora_adapters=[job.lora])  # when LoRA plugins are loaded
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ class PipelineRunner:
     """``runner(jobs)``: the jobs' images from one pipeline call. Every job must have the same :attr:`~GenerateJob.key`."""
 
     def __init__(self, pipe: Any):
+        from polybridge.plugins.lora import adapter_names_of
+
         self.pipe = pipe
+        self.loras = adapter_names_of(pipe.unet)
 
     def arguments(self, jobs: Sequence[GenerateJob]) -> dict[str, Any]:
         """The pipeline call's keyword arguments for ``jobs``, one row per image."""
@@ -36,13 +40,12 @@ class PipelineRunner:
 
         keys = {job.key for job in jobs}
         if len(keys) != 1:
-            raise PolyBridgeValueError(f"jobs of one call must share steps, guidance, size and plugins, got {keys}")
-        if jobs[0].plugins:
-            raise PolyBridgeValueError(f"plugins: {', '.join(jobs[0].plugins)}: plugins are not applied by this "
-                                       "server yet")
+            raise PolyBridgeValueError(f"jobs of one call must share steps, guidance and size, got {keys}")
         rows = [(job, i) for job in jobs for i in range(job.n)]
         first = jobs[0]
-        return dict(prompt=[job.prompt for job, _ in rows], language=[job.language for job, _ in rows],
+        # with LoRAs loaded, every call names each row's adapter (None: none), so no row runs another's
+        loras = dict(lora_adapters=[job.lora for job, _ in rows]) if self.loras else {}
+        return dict(prompt=[job.prompt for job, _ in rows], language=[job.language for job, _ in rows], **loras,
                     negative_prompt=[job.negative_prompt for job, _ in rows],
                     english_prompt=[job.english_prompt for job, _ in rows],
                     generator=[torch.Generator().manual_seed(job.seed + i) for job, i in rows],

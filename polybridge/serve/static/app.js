@@ -135,15 +135,16 @@ async function start() {
   if (!info.plugins.length) {
     const none = document.createElement("span");
     none.className = "muted";
-    none.textContent = "none: the registry names no plugins";
+    none.textContent = "none: the registry names no plugins this server applies";
     plugins.appendChild(none);
   }
-  for (const name of info.plugins) {
+  for (const plugin of info.plugins) {
     const label = document.createElement("label");
     const box = document.createElement("input");
     box.type = "checkbox";
-    box.value = name;
-    label.append(box, " " + name);
+    box.value = plugin.name;
+    label.title = plugin.description || "";
+    label.append(box, " " + plugin.name + (plugin.kind === "lora" ? " (LoRA)" : " (" + plugin.token + ")"));
     plugins.appendChild(label);
   }
   $("prompt").addEventListener("input", schedulePlan);
