@@ -1,6 +1,7 @@
 """Inference figures, each a ratio of two sides measured turn about in one process (medians of the rounds).
 
-    python benchmarks/perf/inference.py                     # the embedded default (tiny): all three parts
+    python benchmarks/perf/inference.py                     # the embedded default (tiny): step, mixed, server
+    python benchmarks/perf/inference.py --parts profile     # why the mixed call gains what it gains here
     python benchmarks/perf/inference.py --sd15 --steps 2 --batch 1 --rounds 2 --parts step   # SD 1.5's architecture
     python benchmarks/perf/inference.py --device cuda --sd15   # on a GPU (the targets are about SD 1.5's size)
 
@@ -12,6 +13,9 @@
    backbone + encoders + branches counted apart (target <= 1.10x), and against 6 per-language pipelines.
 3. ``server``: ``polybridge serve``'s app in process (httpx's ASGI transport, no sockets) under 64 concurrent
    clients in 4 languages, against the same 64 requests one at a time: throughput, p50/p95 latency, requests lost.
+4. ``profile``: why the mixed call gains what it gains on this device: the backbone UNet's time per row at the mixed
+   call's batch (16 prompts, 32 rows under guidance) against a per-language call's (4 prompts, 8 rows), which bounds
+   what batching can pay; and where the mixed call's time goes (UNet, branches, text encoders, VAE, the rest).
 
 SD 1.5's architecture has random weights built in code (``benchmarks/perf/train_throughput.py``'s builder); its native
 encoder is 1024 wide (Chinese-CLIP's width) with 2 layers (the encoder runs once a call, not per step). A pea adapter
@@ -187,6 +191,60 @@ def part_mixed(pipe: PolyBridgePipeline, args, sd15: bool, work: Path) -> dict:
             "target": {"mixed_vs_four_pipelines": 2.5, "pipeline_vs_parts": 1.10}}
 
 
+def _module_seconds(modules: dict[str, torch.nn.Module], device: str) -> tuple[dict[str, float], list]:
+    """Forward hooks adding up each named module's forward time (outermost calls only)."""
+    spent = {name: 0.0 for name in modules}
+    handles = []
+    for name, module in modules.items():
+        started: list[float] = []
+
+        def pre(_m, _a, started=started):
+            _sync(device)
+            started.append(time.perf_counter())
+
+        def post(_m, _a, _o, name=name, started=started):
+            _sync(device)
+            t = started.pop()
+            if not started:
+                spent[name] += time.perf_counter() - t
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return spent, handles
+
+
+def part_profile(pipe: PolyBridgePipeline, args) -> dict:
+    codes = list(MIXED)
+    prompts = [p for c in codes for p in MIXED[c]]
+    languages = [c for c in codes for _ in MIXED[c]]
+    unet = pipe.unet
+    size = unet.config.sample_size
+    ctx = torch.zeros(1, 77, unet.config.cross_attention_dim, device=args.device, dtype=unet.dtype)
+
+    def unet_call(rows: int):
+        x = torch.randn(rows, unet.config.in_channels, size, size, device=args.device, dtype=unet.dtype)
+        return lambda: unet(x, 500, encoder_hidden_states=ctx.expand(rows, -1, -1))
+    t = _interleaved({"rows_8": unet_call(8), "rows_32": unet_call(32)}, max(args.rounds, 5), args.device)
+    bound = 4 * t["rows_8"] / t["rows_32"]
+    modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
+               **{f"branch:{c}": b for c, b in pipe.branches.items()},
+               **{f"encoder:{c}": e for c, e in pipe.encoders.items()}}
+    spent, handles = _module_seconds({k: v for k, v in modules.items() if isinstance(v, torch.nn.Module)},
+                                     args.device)
+    gens = [torch.Generator().manual_seed(i) for i in range(16)]
+    try:
+        total = _timed(lambda: pipe(prompts, language=languages, generator=gens, num_inference_steps=args.steps,
+                                    guidance_scale=7.5), args.device)
+    finally:
+        for h in handles:
+            h.remove()
+    split = {"unet": spent["unet"], "branches": sum(v for k, v in spent.items() if k.startswith("branch:")),
+             "text_encoders": spent["text_encoder"] + sum(v for k, v in spent.items() if k.startswith("encoder:")),
+             "vae": spent["vae"]}
+    split["rest"] = total - sum(split.values())
+    return {"unet_seconds": t, "unet_row_cost_32_vs_8": (t["rows_32"] / 32) / (t["rows_8"] / 8),
+            "batching_bound_vs_four_calls": bound, "mixed_call_seconds": total,
+            "mixed_call_split": {k: v / total for k, v in split.items()}}
+
+
 def part_server(pipe: PolyBridgePipeline, args) -> dict:
     import httpx
 
@@ -238,7 +296,8 @@ def part_server(pipe: PolyBridgePipeline, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sd15", action="store_true", help="SD 1.5's architecture (random weights) instead of tiny")
-    parser.add_argument("--parts", nargs="+", default=["step", "mixed", "server"], choices=["step", "mixed", "server"])
+    parser.add_argument("--parts", nargs="+", default=["step", "mixed", "server"],
+                        choices=["step", "mixed", "server", "profile"])
     parser.add_argument("--steps", type=int, default=10, help="denoising steps a call (parts step and mixed)")
     parser.add_argument("--batch", type=int, default=16, help="prompts a call in part step")
     parser.add_argument("--rounds", type=int, default=3)
@@ -268,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['mixed_vs_sixteen_calls']:.2f}x sixteen single calls; memory with 6 languages "
                   f"{m['memory']['pipeline_vs_parts']:.3f}x the parts, per-language pipelines "
                   f"{m['memory']['saved_vs_per_language_pipelines']:.2f}x", flush=True)
+        if "profile" in args.parts:
+            pr = result["profile"] = part_profile(pipe, args)
+            print(f"[{arch}] UNet time per row at 32 rows: {pr['unet_row_cost_32_vs_8']:.2f}x at 8 rows, so one call "
+                  f"of 16 prompts can be at most {pr['batching_bound_vs_four_calls']:.2f}x four calls of 4 by "
+                  "batching; the mixed call's time: " + ", ".join(f"{k} {v:.0%}" for k, v in
+                                                                  pr["mixed_call_split"].items()), flush=True)
         if "server" in args.parts:
             s = result["server"] = part_server(pipe, args)
             print(f"[{arch}] server, {args.clients} clients: {s['throughput_vs_one_at_a_time']:.2f}x one at a time; "
