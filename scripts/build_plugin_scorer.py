@@ -19,7 +19,6 @@ and default scenes. They are written to the output folder's metrics.json and REA
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import shlex
@@ -36,11 +35,11 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from build_scorer import augment, render_batch  # noqa: E402  (the scene scorer's batches and degradations)
+from build_scorer import augment, render_batch, train_step  # noqa: E402  (the scene scorer's batches, degradations, step)
 
 from polybridge.synthetic.plugin_scorer import DEFAULT_PLUGIN_SCORER_DIR, PluginScorer  # noqa: E402
 from polybridge.synthetic.scenes import sample_scenes  # noqa: E402
-from polybridge.synthetic.scorer import DEFAULT_SCORER_DIR, SceneScorer, scene_targets, scorer_loss  # noqa: E402
+from polybridge.synthetic.scorer import DEFAULT_SCORER_DIR, SceneScorer, scene_targets  # noqa: E402
 from polybridge.synthetic.world import DRAWABLE, SHAPES, STYLES, UNNAMED_OBJECTS  # noqa: E402
 
 #: The scene streams, as sample_scenes arguments; each takes its share of a batch and its own seed offset.
@@ -150,12 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         scenes = [s for k, (name, kwargs) in enumerate(STREAMS.items())
                   for s in sample_scenes(counts[name], args.seed + k, "train", start=step * counts[name], **kwargs)]
         targets = scene_targets(scenes, model.WORLD_CLASSES["objects"], model.OBJECT_ATTRIBUTES)
-        loss = scorer_loss(model(augment(render_batch(scenes, size), gen)), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        loss = train_step(model, opt, sched, augment(render_batch(scenes, size), gen), targets)
+        running = loss if running is None else 0.98 * running + 0.02 * loss
         bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             m = evaluate(model, 300, args.seed, "validation", size)

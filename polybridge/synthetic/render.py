@@ -22,6 +22,7 @@ in white on black, the same size as the image, whatever the objects' colours and
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -354,7 +355,7 @@ def _kite(p: _Pen) -> None:
     p.line((0.0, -0.97), (0.0, 0.5), 0.09, DARK)                  # spine
     p.line((-0.58, -0.3), (0.58, -0.3), 0.09, DARK)               # cross spar
     tail = [(0.0, 0.5), (0.18, 0.64), (0.02, 0.8), (0.2, 0.95)]
-    for a, b in zip(tail, tail[1:]):
+    for a, b in itertools.pairwise(tail):
         p.line(a, b, 0.08)
     for x, y in ((0.18, 0.64), (0.02, 0.8)):                     # bows on the tail
         p.poly([(x - 0.16, y - 0.09), (x + 0.16, y + 0.09), (x + 0.16, y - 0.09), (x - 0.16, y + 0.09)], LIGHT)
@@ -477,6 +478,6 @@ def render_hint(scene: Scene, size: int = 32, kind: str = "silhouette") -> Image
             _draw_object(draw, obj, size, 1)  # inks 1-3; ERASE (0) punches the holes back to black
         else:
             cx, cy, r = (v * SUPERSAMPLE for v in object_geometry(obj, size))
-            draw.rectangle((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=1)
+            draw.rectangle((cx - r - 1, cy - r - 1, cx + r, cy + r), fill=1)  # a supersampled pixel of margin
     canvas = canvas.point(lambda v: 255 if v else 0)
     return canvas.resize((size, size), Image.Resampling.BOX).convert("RGB")
