@@ -76,6 +76,16 @@ def evaluate(model: SceneScorer, n: int, seed: int, split: str, size: int) -> di
     return model.score(x, scenes)
 
 
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, x: torch.Tensor, targets: dict) -> float:
+    """One optimiser and schedule step on the batch ``x``; returns its loss."""
+    loss = scorer_loss(model(x), targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def format_metrics(m: dict) -> str:
     return " ".join(f"{k}={m[k]:.4f}" for k in ATTRIBUTES)
 
@@ -114,12 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         scenes = sample_scenes(args.batch, args.seed, "train", start=step * args.batch)
         targets = scene_targets(scenes)
         x = augment(render_batch(scenes, args.size), gen).contiguous(memory_format=torch.channels_last)
-        loss = scorer_loss(model(x), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        loss = train_step(model, opt, sched, x, targets)
+        running = loss if running is None else 0.98 * running + 0.02 * loss
         bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             m = evaluate(model, 500, args.seed, "validation", args.size)

@@ -49,15 +49,16 @@ from polybridge.synthetic.world import (
     BACKGROUNDS,
     COLOURS,
     CONCEPTS,
-    OBJECTS,
+    DRAWABLE,
     POSITIONS,
     SHAPES,
     SIZES,
+    UNNAMED_OBJECTS,
     Scene,
     SceneObject,
 )
 
-#: The generic noun every language uses for a concept it does not own.
+#: The generic noun every language uses for a concept it does not own (and for the unnamed objects).
 OBJECT = "object"
 
 #: Attribute categories and the ids each must cover (``shape`` also covers owned concepts and ``object``).
@@ -323,7 +324,7 @@ def _render_scene(scene: Scene, grammars: Sequence[Grammar], rng: random.Random,
     return CaptionInfo(marked.replace(_B, ""), tuple(used), marked)
 
 
-_VALID = {"shape": frozenset(OBJECTS), "colour": frozenset(COLOURS), "size": frozenset(SIZES),
+_VALID = {"shape": frozenset(DRAWABLE), "colour": frozenset(COLOURS), "size": frozenset(SIZES),
           "position": frozenset(POSITIONS)}
 
 
@@ -566,6 +567,9 @@ class _Builder:
         self.check_string_keys(shapes, "words.shape")
         required = (*SHAPES, *self.concepts, OBJECT)
         for key in shapes:
+            if key in UNNAMED_OBJECTS:
+                self.fail(f"words.shape.{key}", f"{key!r} is an object no language names (world.UNNAMED_OBJECTS: "
+                          "a plugin such as a Textual Inversion embedding teaches its word); remove it")
             if key in CONCEPTS and key not in self.concepts:
                 self.fail(f"words.shape.{key}", f"{key!r} is a concept this language does not own "
                           f"(owned: {', '.join(self.concepts) or 'none'}); other languages' concepts are "

@@ -9,24 +9,38 @@ keeps two-object scenes from overlapping (the sampler keeps the circles apart). 
 with palette indices at ``SUPERSAMPLE`` times the size and box-filtered down, which gives clean
 antialiased edges at 32 px. Objects use three inks: the object colour (always the dominant one, so
 "a red pagoda" is well defined), a dark shade (colour * 0.45) and a light tint (halfway to white).
+
+An object's ``style`` (:data:`~polybridge.synthetic.world.STYLES`) changes how its drawing is inked:
+``solid`` is the drawing itself (the default: every default scene takes exactly the code path it always
+took); ``outline`` is a ring in the object colour just outside the silhouette, the inside cleared (still
+within the bounding circle); ``striped`` cuts the drawing into horizontal bands; ``dotted`` keeps it only
+inside a grid of dots. Patterns are aligned to the output pixel grid so they stay crisp at 32 px.
+
+:func:`render_hint` draws a scene's hint map for a ControlNet: every object's silhouette (or its box)
+in white on black, the same size as the image, whatever the objects' colours and styles.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
 
 from polybridge.errors import PolyBridgeValueError
 from polybridge.synthetic.world import (
     BACKGROUNDS,
     COLOURS,
     CONCEPTS,
-    OBJECTS,
+    DEFAULT_STYLE,
+    DRAWABLE,
     POSITIONS,
     SHAPES,
     SIZE_FRACTION,
+    STYLES,
+    UNNAMED_OBJECTS,
     Scene,
     SceneObject,
 )
@@ -335,16 +349,37 @@ def _beer_mug(p: _Pen) -> None:
     p.rect(-0.64, -0.6, 0.38, -0.42, LIGHT)
 
 
+def _kite(p: _Pen) -> None:
+    # A diamond kite, taller than wide and pointed at the top, with its spars and a tail of bows.
+    p.poly([(0.0, -0.97), (0.58, -0.3), (0.0, 0.5), (-0.58, -0.3)])
+    p.line((0.0, -0.97), (0.0, 0.5), 0.09, DARK)                  # spine
+    p.line((-0.58, -0.3), (0.58, -0.3), 0.09, DARK)               # cross spar
+    tail = [(0.0, 0.5), (0.18, 0.64), (0.02, 0.8), (0.2, 0.95)]
+    for a, b in itertools.pairwise(tail):
+        p.line(a, b, 0.08)
+    for x, y in ((0.18, 0.64), (0.02, 0.8)):                     # bows on the tail
+        p.poly([(x - 0.16, y - 0.09), (x + 0.16, y + 0.09), (x + 0.16, y - 0.09), (x - 0.16, y + 0.09)], LIGHT)
+
+
 _DRAW: dict[str, Callable[[_Pen], None]] = {
     "circle": _circle, "square": _square, "triangle": _triangle, "star": _star5, "cross": _cross,
     "lantern": _lantern, "pagoda": _pagoda, "torii": _torii, "daruma": _daruma,
     "taegeuk": _taegeuk, "gat": _gat, "matryoshka": _matryoshka, "onion_dome": _onion_dome,
     "crescent": _crescent_obj, "khamsa": _khamsa, "fan": _fan, "guitar": _guitar,
     "diya": _diya, "kalash": _kalash, "baguette": _baguette, "eiffel": _eiffel,
-    "pretzel": _pretzel, "beer_mug": _beer_mug,
+    "pretzel": _pretzel, "beer_mug": _beer_mug, "kite": _kite,
 }
-assert set(_DRAW) == set(OBJECTS), "every world object needs a drawing"
-assert set(SHAPES) | set(CONCEPTS) == set(OBJECTS)
+assert set(_DRAW) == set(DRAWABLE), "every world object needs a drawing"
+assert set(SHAPES) | set(CONCEPTS) | set(UNNAMED_OBJECTS) == set(DRAWABLE)
+
+#: Style geometry, in output pixels (a fraction of the image side would blur the patterns at 32 px).
+OUTLINE_WIDTH: float = 1.0   # outline: width of the ring drawn just outside the silhouette
+STRIPE_PERIOD: int = 4      # striped: 2 rows kept, 2 cut, repeating
+DOT_PERIOD: int = 3         # dotted: one dot per 3 x 3 pixel cell ...
+DOT_RADIUS: float = 0.8     # ... of this radius, centred in the cell
+
+#: Kinds of hint map :func:`render_hint` draws.
+HINT_KINDS: tuple[str, ...] = ("silhouette", "box")
 
 
 def object_geometry(obj: SceneObject, size: int) -> tuple[float, float, float]:
@@ -353,24 +388,96 @@ def object_geometry(obj: SceneObject, size: int) -> tuple[float, float, float]:
     return (px + obj.dx) * size, (py + obj.dy) * size, SIZE_FRACTION[obj.size] * obj.scale * size / 2
 
 
-def render_scene(scene: Scene, size: int = 32) -> Image.Image:
-    """An RGB ``size`` x ``size`` image of ``scene``."""
+def _check_scene(scene: Scene, size: int) -> None:
     if size < 8:
         raise PolyBridgeValueError(f"size={size} is too small to draw objects; use 8 or more")
     if scene.background not in BACKGROUNDS:
         raise PolyBridgeValueError(f"background={scene.background!r} is not valid; use one of {list(BACKGROUNDS)}")
+    for obj in scene.objects:
+        if obj.shape not in _DRAW:
+            raise PolyBridgeValueError(f"shape={obj.shape!r} is not drawable; use one of {list(DRAWABLE)}")
+        if obj.colour not in COLOURS:
+            raise PolyBridgeValueError(f"colour={obj.colour!r} is not valid; use one of {list(COLOURS)}")
+        if obj.style not in STYLES:
+            raise PolyBridgeValueError(f"style={obj.style!r} is not valid; use one of {list(STYLES)}")
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int, slot: int) -> None:
+    cx, cy, r = object_geometry(obj, size)
+    _DRAW[obj.shape](_Pen(draw, cx * SUPERSAMPLE, cy * SUPERSAMPLE, r * SUPERSAMPLE, slot))
+
+
+def _style_keep(ink: np.ndarray, obj: SceneObject, size: int, slot: int) -> np.ndarray:
+    """Restyles one object's palette indices ``ink`` (0 outside it) in place; returns where it is drawn."""
+    inside = ink != 0
+    big = ink.shape[0]
+    if obj.style == "outline":
+        # A ring just outside the silhouette, the inside cleared: unlike a band inside the edge, it also
+        # shows on parts thinner than the band (a small crescent, the bars of a torii).
+        reach = max(1, round(OUTLINE_WIDTH * SUPERSAMPLE))
+        mask = Image.fromarray(inside.astype(np.uint8) * 255)
+        grown = np.asarray(mask.filter(ImageFilter.MaxFilter(2 * reach + 1))) > 0
+        cx, cy, r = (v * SUPERSAMPLE for v in object_geometry(obj, size))
+        centres = np.arange(big) + 0.5
+        circle = (centres[None, :] - cx) ** 2 + (centres[:, None] - cy) ** 2 <= r**2  # stay in the bounding circle
+        keep = grown & ~inside & circle
+        ink[keep] = slot  # the ring is in the object colour
+        return keep
+    rows = np.arange(big) // SUPERSAMPLE  # output pixel of each supersampled row
+    if obj.style == "striped":
+        return inside & ((rows % STRIPE_PERIOD) < STRIPE_PERIOD // 2)[:, None]
+    if obj.style == "dotted":
+        centre = (np.arange(big) + 0.5) / SUPERSAMPLE % DOT_PERIOD - DOT_PERIOD / 2  # offset from the cell's centre
+        return inside & (centre[:, None] ** 2 + centre[None, :] ** 2 <= DOT_RADIUS**2)
+    raise AssertionError(obj.style)  # _check_scene refuses unknown styles
+
+
+def _draw_styled(canvas: Image.Image, obj: SceneObject, size: int, slot: int) -> None:
+    """Draws ``obj`` on its own layer, restyles it, then pastes it (objects never overlap, see the module doc)."""
+    layer = Image.new("P", canvas.size, 0)
+    _draw_object(ImageDraw.Draw(layer), obj, size, slot)
+    ink = np.array(layer)
+    keep = _style_keep(ink, obj, size, slot)
+    canvas.paste(Image.fromarray(ink, "P"), (0, 0), Image.fromarray(keep.astype(np.uint8) * 255))
+
+
+def render_scene(scene: Scene, size: int = 32) -> Image.Image:
+    """An RGB ``size`` x ``size`` image of ``scene``."""
+    _check_scene(scene, size)
     big = size * SUPERSAMPLE
     canvas = Image.new("P", (big, big), 0)
     palette = list(BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(canvas)
     for k, obj in enumerate(scene.objects):
-        if obj.shape not in _DRAW:
-            raise PolyBridgeValueError(f"shape={obj.shape!r} is not drawable; use one of {list(OBJECTS)}")
-        if obj.colour not in COLOURS:
-            raise PolyBridgeValueError(f"colour={obj.colour!r} is not valid; use one of {list(COLOURS)}")
         rgb = COLOURS[obj.colour]
         palette += [*rgb, *dark_shade(rgb), *light_tint(rgb)]
-        cx, cy, r = object_geometry(obj, size)
-        _DRAW[obj.shape](_Pen(draw, cx * SUPERSAMPLE, cy * SUPERSAMPLE, r * SUPERSAMPLE, 1 + 3 * k))
+        if obj.style == DEFAULT_STYLE:
+            _draw_object(draw, obj, size, 1 + 3 * k)
+        else:
+            _draw_styled(canvas, obj, size, 1 + 3 * k)
     canvas.putpalette(palette + [0, 0, 0] * (256 - len(palette) // 3))
     return canvas.convert("RGB").resize((size, size), Image.Resampling.BOX)
+
+
+def render_hint(scene: Scene, size: int = 32, kind: str = "silhouette") -> Image.Image:
+    """A ControlNet hint map of ``scene``: an RGB ``size`` x ``size`` image, white objects on black.
+
+    ``silhouette``: each object's drawn area (holes stay black), as :func:`render_scene` would draw it in
+    the ``solid`` style; ``box``: the filled square around each object's bounding circle (a layout map).
+    Colours, styles and the background are not shown: a hint says where objects are and what outline
+    they have, the prompt says the rest. Antialiased like the image, so the two line up pixel for pixel.
+    """
+    if kind not in HINT_KINDS:
+        raise PolyBridgeValueError(f"kind={kind!r} is not a hint map; use one of {list(HINT_KINDS)}")
+    _check_scene(scene, size)
+    big = size * SUPERSAMPLE
+    canvas = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        if kind == "silhouette":
+            _draw_object(draw, obj, size, 1)  # inks 1-3; ERASE (0) punches the holes back to black
+        else:
+            cx, cy, r = (v * SUPERSAMPLE for v in object_geometry(obj, size))
+            draw.rectangle((cx - r - 1, cy - r - 1, cx + r, cy + r), fill=1)  # a supersampled pixel of margin
+    canvas = canvas.point(lambda v: 255 if v else 0)
+    return canvas.resize((size, size), Image.Resampling.BOX).convert("RGB")

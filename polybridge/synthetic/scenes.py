@@ -8,10 +8,17 @@ Held-out pairs follow a Latin-square rule: object ``OBJECTS[i]`` is held out wit
 ``COLOUR_NAMES[i % 6]`` (one pair per object, 23 of the 138 pairs, about 1 in 6; every colour
 is held out with 3 or 4 objects). The training split never contains them; validation and test
 draw from all pairs, so a model that only memorised seen combinations fails there.
+
+What plugins need is drawn only when asked for, and never from a scene's own stream, so every default
+scene stays what it always was: ``objects=`` may name the :data:`UNNAMED_OBJECTS` (no held-out pair:
+their word is what a plugin teaches, not a combination), and ``styles=`` draws each object's style from
+a private stream (:func:`scene_rng`, purpose ``style``), so styled scene ``i`` is default scene ``i``
+with only its styles changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -21,12 +28,14 @@ from polybridge.synthetic.world import (
     BACKGROUNDS,
     COLOURS,
     CONCEPTS,
+    DRAWABLE,
     OBJECTS,
     POSITION_PAIRS,
     POSITIONS,
     SHAPES,
     SIZE_FRACTION,
     SIZES,
+    STYLES,
     Scene,
     SceneObject,
 )
@@ -66,12 +75,12 @@ def _resolve_pool(concepts: Sequence[str] | None, objects: Sequence[str] | None)
         raise PolyBridgeValueError("give either concepts= (generic shapes plus these concepts) or objects= (exactly these), not both")
     if objects is not None:
         wanted = set(objects)
-        unknown = sorted(wanted - set(OBJECTS))
+        unknown = sorted(wanted - set(DRAWABLE))
         if unknown:
-            raise PolyBridgeValueError(f"objects={unknown} are not drawable; valid ids: {list(OBJECTS)}")
+            raise PolyBridgeValueError(f"objects={unknown} are not drawable; valid ids: {list(DRAWABLE)}")
         if not wanted:
-            raise PolyBridgeValueError("objects= is empty; give at least one id of OBJECTS")
-        return tuple(o for o in OBJECTS if o in wanted)
+            raise PolyBridgeValueError("objects= is empty; give at least one id of DRAWABLE")
+        return tuple(o for o in DRAWABLE if o in wanted)
     if concepts is not None:
         wanted = set(concepts)
         unknown = sorted(wanted - set(CONCEPTS))
@@ -79,6 +88,27 @@ def _resolve_pool(concepts: Sequence[str] | None, objects: Sequence[str] | None)
             raise PolyBridgeValueError(f"concepts={unknown} are not concepts; valid ids: {list(CONCEPTS)}")
         return SHAPES + tuple(c for c in CONCEPTS if c in wanted)
     return OBJECTS
+
+
+def _resolve_styles(styles: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The styles a sample may draw from, in world order; None: every object is solid (no draws at all)."""
+    if styles is None:
+        return None
+    if isinstance(styles, str):
+        raise PolyBridgeValueError(f"styles={styles!r} must be a list of styles, e.g. [{styles!r}]")
+    wanted = set(styles)
+    unknown = sorted(wanted - set(STYLES))
+    if unknown:
+        raise PolyBridgeValueError(f"styles={unknown} are not styles; valid: {list(STYLES)}")
+    if not wanted:
+        raise PolyBridgeValueError(f"styles= is empty; give at least one of {list(STYLES)}")
+    return tuple(s for s in STYLES if s in wanted)
+
+
+def with_styles(scene: Scene, styles: Sequence[str], rng: random.Random) -> Scene:
+    """``scene`` with each object's style drawn from ``styles`` with ``rng`` (nothing else changes)."""
+    objects = tuple(dataclasses.replace(o, style=rng.choice(tuple(styles))) for o in scene.objects)
+    return dataclasses.replace(scene, objects=objects)
 
 
 def _colours_for(obj: str, split: str) -> tuple[str, ...]:
@@ -146,21 +176,28 @@ def sample_scenes(
     concepts: Sequence[str] | None = None,
     objects: Sequence[str] | None = None,
     start: int = 0,
+    styles: Sequence[str] | None = None,
 ) -> list[Scene]:
     """Scenes ``start .. start+n-1`` of the stream ``(seed, split)``.
 
     ``concepts`` keeps the generic shapes and only these concepts (e.g. one language's own);
-    ``objects`` keeps exactly these ids. ``start`` lets a caller fetch any window of the stream,
-    since scene ``i`` depends only on ``(seed, split, i)`` and the arguments, never on ``n``.
+    ``objects`` keeps exactly these ids (any of :data:`DRAWABLE`, the unnamed objects included).
+    ``start`` lets a caller fetch any window of the stream, since scene ``i`` depends only on
+    ``(seed, split, i)`` and the arguments, never on ``n``. ``styles`` (ids of :data:`STYLES`) gives
+    each object a style drawn from these, uniformly; by default every object is ``solid``.
     """
     _check_split(split)
     if n < 0:
         raise PolyBridgeValueError(f"n={n} must be >= 0")
     pool = _resolve_pool(concepts, objects)
-    return [
+    style_pool = _resolve_styles(styles)
+    scenes = [
         sample_scene(random.Random(f"polybridge-scene:{seed}:{split}:{i}"), split, n_objects, pool)
         for i in range(start, start + n)
     ]
+    if style_pool is None:
+        return scenes
+    return [with_styles(s, style_pool, scene_rng(seed, split, i, "style")) for i, s in enumerate(scenes, start)]
 
 
 def scene_rng(seed: int, split: str, index: int, purpose: str) -> random.Random:

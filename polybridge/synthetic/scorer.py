@@ -22,7 +22,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,17 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class SceneScorer(nn.Module):
-    """Background head plus, per position, object-or-empty / colour / size heads."""
+    """Background head plus, per position, object-or-empty / colour / size heads.
+
+    A subclass may read another world (``WORLD_CLASSES``: more objects) and more per-object attributes
+    (``OBJECT_ATTRIBUTES``: one more head per position on the shape trunk each); see ``plugin_scorer.py``.
+    """
+
+    FORMAT: str = FORMAT
+    VERSION: int = 3
+    WORLD_CLASSES: dict[str, list[str]] = _WORLD_CLASSES
+    OBJECT_ATTRIBUTES: dict[str, tuple[str, ...]] = {}
+    BUILD: str = "scripts/build_scorer.py"
 
     def __init__(
         self,
@@ -97,14 +107,14 @@ class SceneScorer(nn.Module):
         if image_size % 4:
             raise PolyBridgeValueError(f"image_size={image_size} must be a multiple of 4 (the trunks halve it twice)")
         self.config: dict[str, Any] = {
-            "format": FORMAT,
-            "version": 3,
+            "format": self.FORMAT,
+            "version": self.VERSION,
             "image_size": image_size,
             "widths": list(widths),
             "hidden": hidden,
             "colour_widths": list(colour_widths),
             "colour_hidden": colour_hidden,
-            **_WORLD_CLASSES,
+            **self.WORLD_CLASSES,
         }
         w1, w2, w3, w4 = widths
         # Shape trunk: sees the colour-blind view only (see colour_blind), so it cannot learn
@@ -130,8 +140,10 @@ class SceneScorer(nn.Module):
         self.squeeze = nn.Sequential(nn.Conv2d(w4, w4 // 2, 1), nn.ReLU(inplace=True))
         self.shared = nn.Sequential(nn.Linear(w4 // 2 * self.window**2, hidden), nn.ReLU(inplace=True))
         self.colour_shared = nn.Sequential(nn.Linear(c3 * self.window**2, colour_hidden), nn.ReLU(inplace=True))
-        self.n_obj, self.n_col, self.n_size = len(OBJECTS) + 1, len(COLOURS), len(SIZES)
-        self.heads = nn.ModuleList(nn.Linear(hidden, self.n_obj + self.n_size) for _ in POSITIONS)
+        self.n_obj, self.n_col, self.n_size = len(self.WORLD_CLASSES["objects"]) + 1, len(COLOURS), len(SIZES)
+        self.n_extra = {name: len(values) for name, values in self.OBJECT_ATTRIBUTES.items()}
+        n_out = self.n_obj + self.n_size + sum(self.n_extra.values())
+        self.heads = nn.ModuleList(nn.Linear(hidden, n_out) for _ in POSITIONS)
         self.colour_heads = nn.ModuleList(nn.Linear(colour_hidden + hidden, self.n_col) for _ in POSITIONS)
         self.background = nn.Linear(c3, len(BACKGROUNDS))
 
@@ -144,18 +156,23 @@ class SceneScorer(nn.Module):
         return torch.stack([g[:, :, sy:sy + w, sx:sx + w].flatten(1) for sy, sx in self.starts], dim=1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``x``: float [B, 3, S, S] in [0, 1]. Returns logits: background [B, 4]; objects, colour, size [B, 5, C]."""
+        """``x``: float [B, 3, S, S] in [0, 1]. Returns logits: background [B, 4]; objects, colour, size [B, 5, C]
+        (and each of ``OBJECT_ATTRIBUTES`` [B, 5, C])."""
         h = self.shared(self._windows(self.squeeze(self.trunk(colour_blind(x) - 0.5))))  # [B, P, hidden]
         c = self.colour_trunk(x - 0.5)
         hc = torch.cat([self.colour_shared(self._windows(c)), h], dim=-1)
         out = torch.stack([head(h[:, i]) for i, head in enumerate(self.heads)], dim=1)
         colour = torch.stack([head(hc[:, i]) for i, head in enumerate(self.colour_heads)], dim=1)
-        return {
+        logits = {
             "background": self.background(c.mean(dim=(2, 3))),
             "objects": out[..., : self.n_obj],
             "colour": colour,
-            "size": out[..., self.n_obj:],
+            "size": out[..., self.n_obj:self.n_obj + self.n_size],
         }
+        start = self.n_obj + self.n_size
+        for name, n in self.n_extra.items():
+            logits[name], start = out[..., start:start + n], start + n
+        return logits
 
     # ------------------------------------------------------------------ io
 
@@ -166,7 +183,7 @@ class SceneScorer(nn.Module):
         with atomic_dir(directory, overwrite=True) as tmp:
             state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous().cpu()
                      for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": self.FORMAT})
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
             if metrics is not None:
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -179,19 +196,19 @@ class SceneScorer(nn.Module):
         config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for f in (config_file, weights_file):
             if not f.is_file():
-                raise ScorerError(f"{f}: missing; build scorer weights with `python scripts/build_scorer.py --out {directory}`")
+                raise ScorerError(f"{f}: missing; build scorer weights with `python {cls.BUILD} --out {directory}`")
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ScorerError(f"{config_file}: not valid JSON ({e})") from e
-        if config.get("format") != FORMAT:
-            raise ScorerError(f"{config_file}: key 'format' is {config.get('format')!r}, expected {FORMAT!r}")
-        for key, expected in _WORLD_CLASSES.items():
+        if config.get("format") != cls.FORMAT:
+            raise ScorerError(f"{config_file}: key 'format' is {config.get('format')!r}, expected {cls.FORMAT!r}")
+        for key, expected in cls.WORLD_CLASSES.items():
             if config.get(key) != expected:
                 raise ScorerError(
                     f"{config_file}: key {key!r} is {config.get(key)!r} but the world (polybridge/synthetic/world.py) "
                     f"has {expected}; these weights were trained for another world, rebuild them with "
-                    f"`python scripts/build_scorer.py`"
+                    f"`python {cls.BUILD}`"
                 )
         arch = ("image_size", "widths", "hidden", "colour_widths", "colour_hidden")
         absent = [k for k in arch if k not in config]
@@ -256,16 +273,19 @@ class SceneScorer(nn.Module):
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def predict(self, images: Any) -> list[dict]:
-        """Scene-like dicts: ``{"background", "objects": [{"shape", "colour", "size", "position"}, ...]}``."""
+        """Scene-like dicts: ``{"background", "objects": [{"shape", "colour", "size", "position"}, ...]}``
+        (each object also gives each of ``OBJECT_ATTRIBUTES``)."""
         out = self._logits(images)
         bg = out["background"].argmax(-1).tolist()
         obj, col, siz = (out[k].argmax(-1).tolist() for k in ("objects", "colour", "size"))
-        names, colours, sizes, positions = list(OBJECTS), list(COLOURS), list(SIZES), list(POSITIONS)
+        extra = {name: (values, out[name].argmax(-1).tolist()) for name, values in self.OBJECT_ATTRIBUTES.items()}
+        names, colours, sizes, positions = self.WORLD_CLASSES["objects"], list(COLOURS), list(SIZES), list(POSITIONS)
         backgrounds = list(BACKGROUNDS)
         result = []
         for b in range(len(bg)):
             objects = [
-                {"shape": names[obj[b][p]], "colour": colours[col[b][p]], "size": sizes[siz[b][p]], "position": positions[p]}
+                {"shape": names[obj[b][p]], "colour": colours[col[b][p]], "size": sizes[siz[b][p]], "position": positions[p],
+                 **{name: values[read[b][p]] for name, (values, read) in extra.items()}}
                 for p in range(len(positions)) if obj[b][p] < len(names)
             ]
             result.append({"background": backgrounds[bg[b]], "objects": objects})
@@ -275,7 +295,11 @@ class SceneScorer(nn.Module):
         """Per-attribute accuracy of the predictions against ``scenes`` (see :func:`score_predictions`)."""
         if len(scenes) != _len(images):
             raise ScorerError(f"got {_len(images)} images but {len(scenes)} scenes")
-        return score_predictions(self.predict(images), scenes)
+        return self.score_predictions(self.predict(images), scenes)
+
+    def score_predictions(self, predictions: Sequence[dict], scenes: Sequence[Scene | dict]) -> dict:
+        """The accuracies :meth:`score` reports for these predictions (:func:`score_predictions`)."""
+        return score_predictions(predictions, scenes)
 
     def score_dir(self, directory: str | os.PathLike) -> dict:
         """Scores a folder written by :func:`polybridge.synthetic.dataset.render_to_dir` (or any folder laid out like it)."""
@@ -347,8 +371,9 @@ def score_predictions(predictions: Sequence[dict], scenes: Sequence[Scene | dict
             ok = {k: int(p.get(k) == getattr(o, k)) for k in ("shape", "colour", "size")}
             for k, v in ok.items():
                 hits[k].append(v)
-            hits["shape_concept" if o.is_concept else "shape_generic"].append(ok["shape"])
-            (per_concept if o.is_concept else per_shape)[o.shape].append(ok["shape"])
+            if not o.is_unnamed:  # an unnamed object counts in "shape" only (plugin_scorer breaks it down)
+                hits["shape_concept" if o.is_concept else "shape_generic"].append(ok["shape"])
+                (per_concept if o.is_concept else per_shape)[o.shape].append(ok["shape"])
             all_ok = all_ok and all(ok.values())
         hits["scene"].append(int(all_ok))
 
@@ -372,29 +397,41 @@ def load_default_scorer() -> SceneScorer:
     return SceneScorer.from_pretrained(DEFAULT_SCORER_DIR)
 
 
-def scene_targets(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
-    """Training targets: background [B]; objects, colour, size [B, 5] (empty → last object class, -100 for attributes)."""
+def scene_targets(
+    scenes: Sequence[Scene],
+    objects: Sequence[str] = OBJECTS,
+    attributes: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Training targets: background [B]; objects, colour, size [B, 5] (empty → last object class, -100 for attributes).
+
+    ``objects``: the object classes (a scorer's ``WORLD_CLASSES["objects"]``); ``attributes``: more per-object
+    attributes and their classes (a scorer's ``OBJECT_ATTRIBUTES``), each one more [B, 5] target.
+    """
+    attributes = dict(attributes or {})
     positions = {p: i for i, p in enumerate(POSITIONS)}
-    objects = {o: i for i, o in enumerate(OBJECTS)}
+    object_ids = {o: i for i, o in enumerate(objects)}
     colours, sizes, backgrounds = ({n: i for i, n in enumerate(d)} for d in (COLOURS, SIZES, BACKGROUNDS))
+    extra_ids = {name: {v: i for i, v in enumerate(values)} for name, values in attributes.items()}
     b = len(scenes)
-    obj = torch.full((b, len(positions)), len(OBJECTS), dtype=torch.long)
+    obj = torch.full((b, len(positions)), len(objects), dtype=torch.long)
     col = torch.full((b, len(positions)), -100, dtype=torch.long)
     siz = torch.full((b, len(positions)), -100, dtype=torch.long)
+    extra = {name: torch.full((b, len(positions)), -100, dtype=torch.long) for name in attributes}
     bg = torch.tensor([backgrounds[s.background] for s in scenes], dtype=torch.long)
     for i, s in enumerate(scenes):
         for o in s.objects:
             p = positions[o.position]
-            obj[i, p], col[i, p], siz[i, p] = objects[o.shape], colours[o.colour], sizes[o.size]
-    return {"background": bg, "objects": obj, "colour": col, "size": siz}
+            obj[i, p], col[i, p], siz[i, p] = object_ids[o.shape], colours[o.colour], sizes[o.size]
+            for name, ids in extra_ids.items():
+                extra[name][i, p] = ids[getattr(o, name)]
+    return {"background": bg, "objects": obj, "colour": col, "size": siz, **extra}
 
 
 def scorer_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy summed over every head; per-object heads ignore empty positions (target -100)."""
     ce = nn.functional.cross_entropy
-    return (
-        ce(logits["background"], targets["background"])
-        + ce(logits["objects"].flatten(0, 1), targets["objects"].flatten())
-        + ce(logits["colour"].flatten(0, 1), targets["colour"].flatten(), ignore_index=-100)
-        + ce(logits["size"].flatten(0, 1), targets["size"].flatten(), ignore_index=-100)
-    )
-
+    loss = ce(logits["background"], targets["background"]) + ce(logits["objects"].flatten(0, 1), targets["objects"].flatten())
+    for name in targets:
+        if name not in ("background", "objects"):
+            loss = loss + ce(logits[name].flatten(0, 1), targets[name].flatten(), ignore_index=-100)
+    return loss

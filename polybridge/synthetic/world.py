@@ -27,8 +27,22 @@ CONCEPTS: tuple[str, ...] = (
     "pretzel", "beer_mug",        # de
 )
 
-#: Every drawable object id, in the scorer's class order.
+#: Every object the captions can describe, in the scorer's class order.
 OBJECTS: tuple[str, ...] = SHAPES + CONCEPTS
+
+#: Objects that no language's captions name (every grammar calls them "object", as it does another
+#: language's concept), for plugins that teach a new word, such as a Textual Inversion embedding.
+#: Kept out of :data:`OBJECTS`, so the default sampler and the committed scene scorer never see them;
+#: sample them by asking for them (``sample_scenes(..., objects=UNNAMED_OBJECTS)``).
+UNNAMED_OBJECTS: tuple[str, ...] = ("kite",)
+
+#: Every id the renderer can draw.
+DRAWABLE: tuple[str, ...] = OBJECTS + UNNAMED_OBJECTS
+
+#: How an object is drawn. ``solid`` is how every default scene is drawn; the others exist for plugins (a
+#: style LoRA, say) and are only sampled when asked for (``sample_scenes(..., styles=STYLES)``). See ``render.py``.
+STYLES: tuple[str, ...] = ("solid", "outline", "striped", "dotted")
+DEFAULT_STYLE: str = "solid"
 
 #: Object colours (sRGB). Well separated in hue and brightness so that a tiny model can learn them.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -68,10 +82,11 @@ SIZE_FRACTION: dict[str, float] = {"small": 0.28, "large": 0.42}
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One object. ``shape`` is any id of :data:`OBJECTS` (a generic shape or a concept).
+    """One object. ``shape`` is any id of :data:`DRAWABLE` (a generic shape, a concept or an unnamed object).
 
     ``dx``, ``dy`` (fractions of the image side) and ``scale`` are the small jitter
     drawn when the scene was sampled, so that rendering is a pure function of the scene.
+    ``style`` is one of :data:`STYLES`; it is last, so positional construction is unchanged.
     """
 
     shape: str
@@ -81,10 +96,22 @@ class SceneObject:
     dx: float = 0.0
     dy: float = 0.0
     scale: float = 1.0
+    style: str = DEFAULT_STYLE
 
     @property
     def is_concept(self) -> bool:
         return self.shape in CONCEPTS
+
+    @property
+    def is_unnamed(self) -> bool:
+        return self.shape in UNNAMED_OBJECTS
+
+    def to_dict(self) -> dict:
+        """Its fields; ``style`` only when it is not the default, so default scenes serialise as they always did."""
+        data = asdict(self)
+        if data["style"] == DEFAULT_STYLE:
+            del data["style"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -95,7 +122,7 @@ class Scene:
     objects: tuple[SceneObject, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:
-        return {"background": self.background, "objects": [asdict(o) for o in self.objects]}
+        return {"background": self.background, "objects": [o.to_dict() for o in self.objects]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Scene":
