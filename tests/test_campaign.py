@@ -880,11 +880,34 @@ def test_limits_family_a_long_file_keeps_what_it_drew_and_resumes(tiny_registry,
     assert code == 0 and "an interrupted run of other prompts or settings" in err
 
 
+@counts("mistakes", 2)
+@pytest.mark.parametrize("why", ["HF_HUB_OFFLINE", "unreachable"])
+def test_mistakes_family_a_hub_backbone_offline_says_so_at_once(registry_copy, monkeypatch, why):
+    """A hub id that is not cached, with no hub to reach: one line naming the repository, the key and what to do,
+    in well under the 35 s of retries that once ended in "config.json not found"."""
+    import huggingface_hub.constants
+
+    from polybridge.backbones import base, load_backbone
+
+    if why == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setattr(base, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HOME", str(registry_copy.parent / "hf-home"))  # an empty cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(registry_copy.parent / "hf-home" / "hub"))
+    started = time.monotonic()
+    with pytest.raises(PolyBridgeError) as info:
+        load_backbone(registry_copy, "sd15")
+    text = one_line(info.value)
+    assert "not in the local Hugging Face cache" in text and "backbones.sd15.source" in text, text
+    assert ("HF_HUB_OFFLINE is set" in text) == (why == "HF_HUB_OFFLINE") and time.monotonic() - started < 5
+
+
 # --------------------------------------------------------------------------- the counts
 
 
 MINIMUM = {"limits": 3, "registry": 20, "bombs": 8, "numbers": 30, "weights": 15, "text": 25, "outputs": 8,
-           "leftovers": 8, "validate": 3, "mistakes": 2}
+           "leftovers": 8, "validate": 3, "mistakes": 4}
 
 
 def test_campaign_covers_every_family():

@@ -251,6 +251,41 @@ def family_of_unet(unet_or_config: Any) -> str | None:
     return None
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_snapshot(repo: str, revision: str | None, what: str, key: str) -> Path | str:
+    """The local folder of ``repo`` in the Hugging Face cache, or ``repo`` itself when it is not cached and the
+    hub can be reached (the loaders then download it). Offline (``HF_HUB_OFFLINE``, or no answer within 3 s) and
+    not cached: one error naming the repository, the key and what to do, instead of retries that end in a
+    misleading "config.json not found"."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError, or a malformed id the online path will name)
+        pass
+    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else (
+        None if hub_reachable() else f"{constants.ENDPOINT} does not answer")
+    if offline:
+        raise BackboneError(f"{what}: {repo!r} is a hub id that is not in the local Hugging Face cache, and the hub "
+                            f"cannot be reached ({offline}); download it where there is a network (`hf download "
+                            f"{repo}`) or point {key} at a local diffusers folder")
+    return repo
+
+
 def load_backbone(registry: Registry | str | Path | None = None, name: str | None = None,
                   torch_dtype: torch.dtype | None = None) -> Backbone:
     """Load backbone ``name`` (default: the registry's ``default_backbone``) from its source, with the family its
@@ -279,6 +314,9 @@ def load_backbone(registry: Registry | str | Path | None = None, name: str | Non
                 f"backbone {spec.name!r}: {source} is not a diffusers-format {family.name} model folder: missing "
                 f"subfolder(s) {', '.join(missing)} (expected {', '.join(family.subfolders())}; {key}.architecture "
                 f"is {spec.architecture!r}); {BUILD_HINT}")
+    if not local:  # a hub id: its cached snapshot, or a clear error at once when the hub cannot be reached
+        source = hub_snapshot(source, spec.revision, f"backbone {spec.name!r}", f"{key}.source")
+        local = isinstance(source, Path)
     where = str(source)
     common: dict[str, Any] = {"local_files_only": True} if local else {"revision": spec.revision}
 
