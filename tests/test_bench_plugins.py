@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import registry_with_tiny_backbone, save_bench_branches
 from plugin_fixtures import make_controlnet, make_lora, make_ti
 
-from conftest import registry_with_tiny_backbone
 from polybridge.bench import plugins as bench_plugins
 from polybridge.bench.plugins import (
     CONTENT,
@@ -45,13 +45,8 @@ def _scorer():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny backbone (its scheduler as polybridge-tiny's) with a zh bdm branch (its entry's), a ja pea branch (passed as weights), ko without a
-    branch; plugins: a LoRA, a ControlNet and a Textual Inversion made in code, and a checkpoint listed but missing."""
-    from polybridge.backbones import load_backbone
-    from polybridge.branches import get_branch_class
-    from polybridge.encoders import load_encoder
-    from tiny_components import perturb_
-
+    """The tiny backbone (its scheduler as polybridge-tiny's) with a zh bdm branch (its entry's), a ja pea branch
+    (passed as weights), ko without a branch; plugins: a LoRA, a ControlNet and a Textual Inversion made in code, and a checkpoint listed but missing."""
     from diffusers import DPMSolverMultistepScheduler
     from tiny_components import get_dummy_components
 
@@ -61,14 +56,7 @@ def tiny(tmp_path_factory):
                                                           timestep_spacing="trailing", final_sigmas_type="zero",
                                                           steps_offset=1)
     registry_file = registry_with_tiny_backbone(root, components)
-    reg = load_registry(registry_file)
-    unet = load_backbone(reg).unet
-    for code, kind, where in (("zh", "bdm", root / "languages/zh/branch"), ("ja", "pea", root / "ja-pea")):
-        entry = reg.language(code)
-        encoder = load_encoder(entry)
-        branch = get_branch_class(kind).from_unet(unet, encoder.hidden_size, encoder_name=entry.encoder.source)
-        perturb_(branch, seed=1, std=0.02)
-        branch.save_pretrained(where)
+    unet = save_bench_branches(registry_file)
     make_lora(unet, root / "plugins/outline")
     make_controlnet(unet).save_pretrained(root / "plugins/layout")
     make_ti(root / "plugins/kite.safetensors", "<kite>", vectors=2, width=unet.config.cross_attention_dim)
@@ -215,8 +203,11 @@ def test_report_has_the_plugins_table_and_grids(result, tmp_path):
     out = write_report(result, tmp_path / "report")
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "## Plugins" in md and f"| side | {' | '.join(ROWS)} |" in md
-    assert "| en (English prompts) |" in md and "| zh bdm |" in md and "| ko bdm | skipped |" in md
-    assert "navy-checkpoint" in md.split("## Skipped")[1] and "does not exist" in md
+    table_md, skipped = md.split("## Plugins")[1].split("### All plugin figures")[0], md.split("## Skipped")[1]
+    assert "| en (English prompts) |" in table_md and "| zh bdm |" in table_md and "| ja pea |" in table_md
+    assert "ko bdm" not in table_md and "| skipped |" in table_md  # sides that never ran: in Skipped, with reasons
+    assert "plugins/bdm/none" in skipped and "no trained bdm branch" in skipped
+    assert "plugins/english-reference/navy-checkpoint" in skipped and "does not exist" in skipped
     zh = _cell(result, "outline-lora", "zh", "bdm").metrics
     assert f"{zh['compatibility']:.3f} ({zh['effect']:.3f} / {zh['content']:.3f})" in md or \
         math.isnan(zh["compatibility"])

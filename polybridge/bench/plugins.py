@@ -300,7 +300,7 @@ class _Run:
         from polybridge.synthetic.render import render_hint, render_scene
         from polybridge.synthetic.scenes import scene_rng
 
-        ctx, settings = self.ctx, self.ctx.settings
+        settings = self.ctx.settings
         drawn = plugin_scenes(row, self.n)
         scenes, hints = [s for _, s, _ in drawn], [h for _, _, h in drawn]
         size = settings.size or _image_size(self.english)
@@ -436,7 +436,7 @@ class _scheduler_swapped:
         self.pipe.scheduler = getattr(diffusers, str(self.name)).from_config(self.base.config)
         return self.pipe
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.pipe.scheduler = self.base
 
 

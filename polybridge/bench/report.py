@@ -181,11 +181,12 @@ def build_blocks(result: BenchResult, images: dict[str, bytes]) -> list[Block]:
 
 
 def plugin_table(result: BenchResult, metric: str = "compatibility") -> tuple[list[str], list[list[str]]]:
-    """The plugins table: a row per side (English, then each language x method), a column per plugin row. A native
-    cell: ``metric`` (effect / content); the English row: its joint rate (effect / content); else why not."""
+    """The plugins table: a row per side that ran (English, then each language x method), a column per plugin row.
+    A native cell: ``metric`` (effect / content); the English row: its joint rate (effect / content); a cell that did
+    not run: ``skipped`` (the reasons are in the report's Skipped list)."""
     plugin_cells = [c for c in result.cells if c.plugin is not None]
     rows_order = list(dict.fromkeys(c.plugin for c in plugin_cells))
-    sides = list(dict.fromkeys((c.language, c.method) for c in plugin_cells))
+    sides = list(dict.fromkeys((c.language, c.method) for c in plugin_cells if c.status == "ok"))
     by = {(c.language, c.method, c.plugin): c for c in plugin_cells}
     out = []
     for code, method in sides:

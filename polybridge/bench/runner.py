@@ -36,10 +36,22 @@ from typing import Any
 import torch
 
 import polybridge
-from polybridge.bench.plugins import PLUGIN_SEED, PLUGIN_SPLIT, PLUGIN_SUITE, run_plugins
+from polybridge.bench.plugins import (
+    PLUGIN_SEED,
+    PLUGIN_SPLIT,
+    PLUGIN_SUITE,
+    run_plugins,
+)
 from polybridge.bench.plugins import cell_count as plugin_cell_count
-from polybridge.bench.suites import DEFAULT_SUITES, SUITES, Suite, SuiteError, curated_suite, synthetic_suite, \
-    synthetic_unavailable
+from polybridge.bench.suites import (
+    DEFAULT_SUITES,
+    SUITES,
+    Suite,
+    SuiteError,
+    curated_suite,
+    synthetic_suite,
+    synthetic_unavailable,
+)
 from polybridge.branches import load_branch
 from polybridge.errors import PolyBridgeError
 from polybridge.registry import LanguageEntry, Registry
@@ -58,8 +70,9 @@ METHOD_HELP: dict[str, str] = {
 }
 
 #: Settings of a full run and of ``--quick`` (prompts per synthetic suite, per curated suite, denoising steps).
-#: The plugins suite's scenes per row (``plugin_n``): 11 branches x 10 rows fit in about 15 min on 2 cores.
-FULL = {"n": None, "curated_n": None, "plugin_n": 32, "steps": 25}
+#: The plugins suite's scenes per row (``plugin_n``): 16 x 10 rows x 12 sides (English, 9 bdm, 2 pea) at 25 steps is
+#: about 15 min on this 2-core CPU beside other jobs (measured 3.5 img/s English, 2.3 bdm, one thread).
+FULL = {"n": None, "curated_n": None, "plugin_n": 16, "steps": 25}
 QUICK = {"n": 8, "curated_n": 6, "plugin_n": 4, "steps": 10}
 
 
@@ -71,7 +84,7 @@ class BenchError(PolyBridgeError, ValueError):
 class BenchSettings:
     """What to run. Empty ``languages``: every native language of the registry. ``n``: prompts per synthetic
     suite (default: each entry's ``benchmark.synthetic_prompts``; ``quick``: 8) and scenes per row of the plugins
-    suite (default 32, ``quick`` 4); ``curated_n``: prompts per curated suite (default all; ``quick``: 6, one per
+    suite (default 16, ``quick`` 4); ``curated_n``: prompts per curated suite (default all; ``quick``: 6, one per
     category); ``steps``: 25 (``quick``: 10)."""
 
     languages: tuple[str, ...] = ()

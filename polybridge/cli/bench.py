@@ -148,7 +148,7 @@ def add_commands(sub: Any) -> None:
                                                         "plugin row, 10 steps (a few minutes on a CPU)")
     p.add_argument("-n", type=positive_int, default=None,
                    help="prompts per synthetic suite and scenes per plugin row (default: the entry's "
-                        "benchmark.synthetic_prompts; plugins: 32)")
+                        "benchmark.synthetic_prompts; plugins: 16)")
     p.add_argument("--curated-n", type=positive_int, default=None, help="prompts per curated suite (default: all)")
     p.add_argument("--steps", type=int_upto(limits.MAX_INFERENCE_STEPS), default=None,
                    help="denoising steps (default 25, --quick 10)")
