@@ -219,3 +219,30 @@ def test_report_has_the_plugins_table_and_grids(result, tmp_path):
     cells = [c for c in table["cells"] if c.get("plugin") == "kite-ti" and c["language"] == "zh"]
     assert cells and "compatibility" in cells[0]["metrics"]
     shutil.rmtree(out)
+
+
+def test_a_plugin_for_another_architecture_is_skipped_with_its_reason(tiny):
+    """The same languages, a registry whose only plugin is a LoRA made for a wider backbone: that row is skipped
+    and says why, the toy plugins it does not list are skipped as unlisted, the rest of the suite runs."""
+    from tiny_components import get_dummy_components, save_backbone, tiny_unet
+
+    root = Path(tiny).parent
+    wide = get_dummy_components()
+    wide["unet"] = tiny_unet(block_out_channels=(64, 128))
+    save_backbone(wide, root / "wide")
+    make_lora(wide["unet"], root / "plugins/wide-outline")
+    top = yaml.safe_load(Path(tiny).read_text(encoding="utf-8"))
+    top["backbones"]["wide"] = {"source": "./wide", "architecture": "sd1", "language": "en"}
+    top["plugins"] = {"outline-lora": {"kind": "lora", "source": "./plugins/wide-outline", "backbone": "wide"}}
+    other = root / "registry-wide.yaml"
+    other.write_text(yaml.safe_dump(top, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("polybridge.synthetic.plugin_scorer.load_plugin_scorer", _scorer)
+        out = run_bench(load_registry(other), BenchSettings(languages=("zh",), methods=("bdm",), suites=(PLUGIN_SUITE,),
+                                                            n=1, steps=1), progress=False)
+    status = {(c.plugin, c.language): c for c in out.cells}
+    for code in ("en", "zh"):
+        assert status[("outline-lora", code)].status == "skipped"
+        assert "another architecture" in status[("outline-lora", code)].reason
+        assert "not listed" in status[("kite-ti", code)].reason
+        assert status[("none", code)].status == status[("unipc", code)].status == "ok"
