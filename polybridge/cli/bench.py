@@ -115,7 +115,7 @@ def _print_plugins(result: Any) -> None:
 
     header, rows = plugin_table(result, "compatibility")
     print("plugins (compatibility = native joint / English joint; the English row: its joint rate)")
-    print(table(rows, header))
+    print(table(rows, header) if rows else "no plugin cell ran (the reasons are in the report)")
     print()
 
 
