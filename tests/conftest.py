@@ -39,6 +39,28 @@ def registry_with_tiny_backbone(dest: Path, components: dict | None = None) -> P
     return registry
 
 
+def save_bench_branches(registry_file: Path) -> torch.nn.Module:
+    """The benchmark tests' branches on the registry's tiny backbone: a perturbed zh bdm branch where zh's entry points
+    and a perturbed ja pea branch in ``ja-pea`` beside the registry (passed as ``weights``); returns the UNet."""
+    from tiny_components import perturb_
+
+    from polybridge.backbones import load_backbone
+    from polybridge.branches import get_branch_class
+    from polybridge.encoders import load_encoder
+    from polybridge.registry import load_registry
+
+    root = registry_file.parent
+    reg = load_registry(registry_file)
+    unet = load_backbone(reg).unet
+    for code, kind, where in (("zh", "bdm", root / "languages/zh/branch"), ("ja", "pea", root / "ja-pea")):
+        entry = reg.language(code)
+        encoder = load_encoder(entry)
+        branch = get_branch_class(kind).from_unet(unet, encoder.hidden_size, encoder_name=entry.encoder.source)
+        perturb_(branch, seed=1, std=0.02)
+        branch.save_pretrained(where)
+    return unet
+
+
 @pytest.fixture
 def registry_copy(tmp_path: Path) -> Path:
     """Path of a registry.yaml in tmp_path: a copy of the real one without built weights."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, registry_with_tiny_backbone
+from conftest import REPO, registry_with_tiny_backbone, save_bench_branches
 from polybridge.bench.metrics import MetricError, clip_score, fid, load_clip, load_world_clip
 from polybridge.bench.report import write_report
 from polybridge.bench.runner import BenchError, BenchSettings, check_request, naive_swap_branch, run_bench
@@ -31,10 +31,6 @@ WORLD_CLIP = REPO / "polybridge" / "assets" / "world-clip"
 def tiny(tmp_path_factory):
     """A registry with the tiny backbone: zh bdm branch at its entry's path, a ja pea branch elsewhere, no ko
     encoder; zh's and ko's curated prompts are scored with the world CLIP, ja names no CLIP model."""
-    from polybridge.branches import get_branch_class
-    from polybridge.encoders import load_encoder
-    from tiny_components import perturb_
-
     root = tmp_path_factory.mktemp("bench") / "repo"
     registry_file = registry_with_tiny_backbone(root)
     shutil.rmtree(root / "languages/ko/encoder")
@@ -43,16 +39,7 @@ def tiny(tmp_path_factory):
         file.write_text(file.read_text(encoding="utf-8").replace(
             "clip_model: BAAI/AltCLIP-m18", "clip_model: null" if code == "ja" else f"clip_model: {WORLD_CLIP}"),
             encoding="utf-8")
-    reg = load_registry(registry_file)
-    from polybridge.backbones import load_backbone
-
-    unet = load_backbone(reg).unet
-    for code, kind, where in (("zh", "bdm", root / "languages/zh/branch"), ("ja", "pea", root / "ja-pea")):
-        entry = reg.language(code)
-        encoder = load_encoder(entry)
-        branch = get_branch_class(kind).from_unet(unet, encoder.hidden_size, encoder_name=entry.encoder.source)
-        perturb_(branch, seed=1, std=0.02)
-        branch.save_pretrained(where)
+    save_bench_branches(registry_file)
     return registry_file
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from polybridge.bench.metrics import LOWER_IS_BETTER, METRIC_HELP
+from polybridge.bench.plugins import EFFECT_HELP, ENGLISH_METHOD, PLUGIN_SUITE
 from polybridge.bench.runner import METHOD_HELP, METHODS, BenchResult, Cell, Grid
 from polybridge.bench.suites import SUITES
 
@@ -32,6 +33,8 @@ SUITE_HELP: dict[str, str] = {
     "curated": "hand-written native prompts in MC-18's six categories, scored with the entry's CLIP model",
 }
 GROUND_TRUTH = "ground truth"
+PLUGIN_COLUMNS: tuple[str, ...] = ("effect", "content", "joint", "content_mean", "english_effect", "english_content",
+                                   "english_joint", "compatibility")
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
@@ -64,7 +67,8 @@ def _fmt(value: Any, metric: str = "") -> str:
 
 
 def _cell_map(cells: Sequence[Cell]) -> dict[tuple[str, str, str], Cell]:
-    return {(c.suite, c.language, c.method): c for c in cells}
+    """The per-language suites' cells by (suite, language, method) (the plugins suite's have a row key too)."""
+    return {(c.suite, c.language, c.method): c for c in cells if c.plugin is None}
 
 
 def _headline(suite: str) -> str:
@@ -76,12 +80,13 @@ def build_blocks(result: BenchResult, images: dict[str, bytes]) -> list[Block]:
     s = result.settings
     cells = _cell_map(result.cells)
     languages, methods = s["languages"], [m for m in METHODS if m in s["methods"]]
-    suites = [x for x in SUITES if x in s["suites"]]
+    suites = [x for x in SUITES if x in s["suites"] and x != PLUGIN_SUITE]
     ran = [c for c in result.cells if c.status == "ok"]
     blocks: list[Block] = [
         ("h", 1, "polybridge benchmark"),
         ("p", f"{result.started}: {len(ran)} of {len(result.cells)} cells ran ({len(languages)} languages x "
-              f"{len(suites)} suites x {len(methods)} methods) in {result.seconds:.0f} s "
+              f"{len(suites)} suites x {len(methods)} methods"
+              f"{', plus the plugins suite' if PLUGIN_SUITE in s['suites'] else ''}) in {result.seconds:.0f} s "
               f"({result.seconds / 60:.1f} min, models loaded in {s['load_seconds']} s) on backbone "
               f"{s['backbone']} ({s['backbone_source']}), {'quick run' if s['quick'] else 'full run'}."),
     ]
@@ -132,12 +137,15 @@ def build_blocks(result: BenchResult, images: dict[str, bytes]) -> list[Block]:
         if suite == "curated":
             blocks.extend(_per_category(result, languages, methods))
 
+    if PLUGIN_SUITE in s["suites"]:
+        blocks.extend(_plugin_blocks(result, images))
+
     # The image grids.
     blocks.append(("h", 2, "Images"))
     blocks.append(("p", "Each grid: one column per prompt (the first of the suite), one row per method, the rendered "
                         "ground truth on top (synthetic suites); the same seed in every row of a column."))
     for grid in result.grids:
-        if len(grid.rows) <= (1 if GROUND_TRUTH in grid.rows else 0):
+        if grid.plugin is not None or len(grid.rows) <= (1 if GROUND_TRUTH in grid.rows else 0):
             continue
         path = f"images/{grid.suite}-{grid.language}.png"
         images[path] = _grid_png(grid)
@@ -157,7 +165,8 @@ def build_blocks(result: BenchResult, images: dict[str, bytes]) -> list[Block]:
     else:
         grouped: dict[tuple[str, str], list[str]] = {}
         for c in skipped:
-            grouped.setdefault((c.language, c.reason), []).append(f"{c.suite}/{c.method}")
+            grouped.setdefault((c.language, c.reason), []).append(
+                f"{c.suite}/{c.method}" + (f"/{c.plugin}" if c.plugin is not None else ""))
         blocks.append(("ul", [f"{code} ({', '.join(which)}): {reason}" for (code, reason), which in grouped.items()]))
 
     # Settings and definitions.
@@ -168,6 +177,73 @@ def build_blocks(result: BenchResult, images: dict[str, bytes]) -> list[Block]:
     blocks.append(("ul", [f"{m}: {METHOD_HELP[m]}" for m in methods]
                    + [f"{k}: {v}" + (" (lower is better)" if k in LOWER_IS_BETTER and "lower" not in v else "")
                       for k, v in METRIC_HELP.items()]))
+    return blocks
+
+
+def plugin_table(result: BenchResult, metric: str = "compatibility") -> tuple[list[str], list[list[str]]]:
+    """The plugins table: a row per side that ran (English, then each language x method), a column per plugin row.
+    A native cell: ``metric`` (effect / content); the English row: its joint rate (effect / content); a cell that did
+    not run: ``skipped`` (the reasons are in the report's Skipped list)."""
+    plugin_cells = [c for c in result.cells if c.plugin is not None]
+    rows_order = list(dict.fromkeys(c.plugin for c in plugin_cells))
+    sides = list(dict.fromkeys((c.language, c.method) for c in plugin_cells if c.status == "ok"))
+    by = {(c.language, c.method, c.plugin): c for c in plugin_cells}
+    out = []
+    for code, method in sides:
+        english = method == ENGLISH_METHOD
+        row = [f"{code} (English prompts)" if english else f"{code} {method}"]
+        for plugin in rows_order:
+            c = by.get((code, method, plugin))
+            if c is None or c.status != "ok":
+                row.append("skipped")
+                continue
+            m = c.metrics
+            head = _fmt(m.get("joint" if english else metric))
+            row.append(f"{head} ({_fmt(m.get('effect'))} / {_fmt(m.get('content'))})")
+        out.append(row)
+    return ["side", *rows_order], out
+
+
+def _plugin_blocks(result: BenchResult, images: dict[str, bytes]) -> list[Block]:
+    s = result.settings
+    seed = s.get("plugin_scene_seed", {})
+    blocks: list[Block] = [
+        ("h", 2, "Plugins"),
+        ("p", "Each plugin (and each scheduler swap) applied as a user would, to the same scenes drawn with English "
+              "prompts (the backbone alone: the English caption plus the plugin's words) and with native prompts "
+              "through each trained branch (the native caption, the plugin's words as the English part). One scene "
+              f"set per row, the same for every language (seed {seed.get('seed')}, split {seed.get('split')}, "
+              f"{s.get('plugin_scenes_per_row')} scenes), so the English side runs once per row and every language is "
+              "compared with it. Read back by the plugin scorer on the ground truth."),
+        ("ul", [f"effect: {name}: {text}" for name, text in EFFECT_HELP.items()]
+         + ["content: share of images with every attribute the prompt asks for right, the plugin's own aside "
+            "(style and none: shape, colour, size, position, background; layout: shape, colour, background; unnamed: "
+            "colour, size, position, background; background: shape, colour, size, position)",
+            "joint: share of images with the effect and the content both right (content where there is no effect)",
+            "compatibility = native joint / English joint (n/a when English draws none right)"]),
+        ("p", "Cells: compatibility (effect / content); the English row: its joint rate (effect / content)."),
+    ]
+    header, rows = plugin_table(result)
+    blocks.append(("table", header, rows) if rows else ("p", "No plugin cell ran (see Skipped)."))
+    detail = []
+    for c in result.cells:
+        if c.plugin is None or c.status != "ok":
+            continue
+        m = c.metrics
+        detail.append([c.plugin, c.language, c.method, *(_fmt(m.get(k)) for k in PLUGIN_COLUMNS), str(c.n),
+                       f"{c.seconds:.1f}"])
+    if detail:
+        blocks.append(("h", 3, "All plugin figures"))
+        blocks.append(("table", ["plugin", "language", "method", *PLUGIN_COLUMNS, "n", "seconds"], detail))
+    for grid in result.grids:
+        if grid.plugin is None:
+            continue
+        path = f"images/plugins-{grid.plugin}.png"
+        images[path] = _grid_png(grid)
+        blocks.append(("h", 3, f"plugins, {grid.plugin}"))
+        blocks.append(("img", _Image(path, f"plugins {grid.plugin}: rows {', '.join(grid.rows)}", images[path])))
+        width = max((len(v) for v in grid.inputs.values()), default=0)
+        blocks.append(("table", ["prompts", *map(str, range(width))], [[k, *v] for k, v in grid.inputs.items()]))
     return blocks
 
 

@@ -36,8 +36,22 @@ from typing import Any
 import torch
 
 import polybridge
-from polybridge.bench.suites import SUITES, SYNTHETIC_SUITES, Suite, SuiteError, curated_suite, synthetic_suite, \
-    synthetic_unavailable
+from polybridge.bench.plugins import (
+    PLUGIN_SEED,
+    PLUGIN_SPLIT,
+    PLUGIN_SUITE,
+    run_plugins,
+)
+from polybridge.bench.plugins import cell_count as plugin_cell_count
+from polybridge.bench.suites import (
+    DEFAULT_SUITES,
+    SUITES,
+    Suite,
+    SuiteError,
+    curated_suite,
+    synthetic_suite,
+    synthetic_unavailable,
+)
 from polybridge.branches import load_branch
 from polybridge.errors import PolyBridgeError
 from polybridge.registry import LanguageEntry, Registry
@@ -56,8 +70,10 @@ METHOD_HELP: dict[str, str] = {
 }
 
 #: Settings of a full run and of ``--quick`` (prompts per synthetic suite, per curated suite, denoising steps).
-FULL = {"n": None, "curated_n": None, "steps": 25}
-QUICK = {"n": 8, "curated_n": 6, "steps": 10}
+#: The plugins suite's scenes per row (``plugin_n``): 16 x 10 rows x 12 sides (English, 9 bdm, 2 pea) at 25 steps is
+#: about 15 min on this 2-core CPU beside other jobs (measured 3.5 img/s English, 2.3 bdm, one thread).
+FULL = {"n": None, "curated_n": None, "plugin_n": 16, "steps": 25}
+QUICK = {"n": 8, "curated_n": 6, "plugin_n": 4, "steps": 10}
 
 
 class BenchError(PolyBridgeError, ValueError):
@@ -67,12 +83,13 @@ class BenchError(PolyBridgeError, ValueError):
 @dataclass(frozen=True)
 class BenchSettings:
     """What to run. Empty ``languages``: every native language of the registry. ``n``: prompts per synthetic
-    suite (default: each entry's ``benchmark.synthetic_prompts``; ``quick``: 8); ``curated_n``: prompts per
-    curated suite (default all; ``quick``: 6, one per category); ``steps``: 25 (``quick``: 10)."""
+    suite (default: each entry's ``benchmark.synthetic_prompts``; ``quick``: 8) and scenes per row of the plugins
+    suite (default 16, ``quick`` 4); ``curated_n``: prompts per curated suite (default all; ``quick``: 6, one per
+    category); ``steps``: 25 (``quick``: 10)."""
 
     languages: tuple[str, ...] = ()
     methods: tuple[str, ...] = METHODS
-    suites: tuple[str, ...] = SYNTHETIC_SUITES
+    suites: tuple[str, ...] = DEFAULT_SUITES
     quick: bool = False
     n: int | None = None
     curated_n: int | None = None
@@ -88,16 +105,18 @@ class BenchSettings:
     device: str = "cpu"
 
     def resolved(self) -> dict[str, Any]:
-        """``n``, ``curated_n`` and ``steps`` with the full / quick defaults filled in."""
+        """``n``, ``curated_n``, ``plugin_n`` and ``steps`` with the full / quick defaults filled in (``n``, when
+        given, is the plugins suite's scenes per row too)."""
         base = QUICK if self.quick else FULL
         return {"n": self.n if self.n is not None else base["n"],
+                "plugin_n": self.n if self.n is not None else base["plugin_n"],
                 "curated_n": self.curated_n if self.curated_n is not None else base["curated_n"],
                 "steps": self.steps if self.steps is not None else base["steps"]}
 
 
 @dataclass
 class Cell:
-    """One (suite, language, method): its metrics, or why it was skipped."""
+    """One (suite, language, method), and in the plugins suite one plugin row: its metrics, or why it was skipped."""
 
     suite: str
     language: str
@@ -107,19 +126,22 @@ class Cell:
     n: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    plugin: str | None = None  # the plugins suite's row (a plugin, a scheduler swap or "none")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_number(v) for k, v in asdict(self).items()}
+        return {k: _json_number(v) for k, v in asdict(self).items() if k != "plugin" or v is not None}
 
 
 @dataclass
 class Grid:
-    """The first images of one (suite, language) per method, for the report, and what each method was given."""
+    """The first images of one (suite, language) per method, for the report, and what each method was given
+    (plugins suite: one grid per plugin row, a row per side: English, then each language x method)."""
 
     suite: str
     language: str
     rows: dict[str, list[Any]] = field(default_factory=dict)  # "ground truth" / method -> PIL images
     inputs: dict[str, list[str]] = field(default_factory=dict)  # "prompt" / "english" / "translation" -> texts
+    plugin: str | None = None
 
 
 @dataclass
@@ -176,7 +198,7 @@ def check_request(registry: Registry, settings: BenchSettings) -> tuple[str, ...
             raise BenchError(f"weights for {code}:{method}: only branch methods take weights; valid: "
                              f"{', '.join(BRANCH_METHODS)}")
     resolved = settings.resolved()
-    for key in ("n", "curated_n", "steps"):
+    for key in ("n", "curated_n", "plugin_n", "steps"):
         if resolved[key] is not None and resolved[key] < 1:
             raise BenchError(f"{key} must be at least 1, got {resolved[key]}")
     if settings.guidance < 0 or not math.isfinite(settings.guidance):
@@ -296,7 +318,10 @@ def run_bench(registry: Registry, settings: BenchSettings, log: Callable[[str], 
     load_seconds = time.time() - started
     cells: list[Cell] = []
     grids: list[Grid] = []
-    total = len(codes) * len(settings.suites) * len(settings.methods)
+    per_language = [x for x in settings.suites if x != PLUGIN_SUITE]
+    total = len(codes) * len(per_language) * len(settings.methods)
+    if PLUGIN_SUITE in settings.suites:
+        total += plugin_cell_count(len(codes), settings.methods)
     bar = tqdm(total=total, desc="bench", unit="cell", disable=not progress, dynamic_ncols=True)
     if progress:  # notes go above the bar, not through it
 
@@ -309,6 +334,10 @@ def run_bench(registry: Registry, settings: BenchSettings, log: Callable[[str], 
         lang_cells, lang_grids = _run_language(ctx, code, bar)
         cells.extend(lang_cells)
         grids.extend(lang_grids)
+    if PLUGIN_SUITE in settings.suites:  # last: its plugins go on a private copy of the backbone anyway
+        plugin_cells, plugin_grids = run_plugins(ctx, codes, bar)
+        cells.extend(plugin_cells)
+        grids.extend(plugin_grids)
     bar.close()
     seconds = time.time() - started
     resolved = ctx.resolved
@@ -322,6 +351,10 @@ def run_bench(registry: Registry, settings: BenchSettings, log: Callable[[str], 
         "quick": settings.quick,
         "prompts_per_synthetic_suite": resolved["n"] or "entry's benchmark.synthetic_prompts",
         "prompts_per_curated_suite": resolved["curated_n"] or "all",
+        **({"plugin_scenes_per_row": resolved["plugin_n"],
+            "plugin_scene_seed": {"seed": PLUGIN_SEED, "split": PLUGIN_SPLIT,
+                                  "note": "one scene set per plugin row, the same for every language"}}
+           if PLUGIN_SUITE in settings.suites else {}),
         "steps": resolved["steps"],
         "guidance_scale": settings.guidance,
         "scheduler": type(ctx.backbone.scheduler).__name__,
@@ -356,6 +389,8 @@ def _run_language(ctx: _Context, code: str, bar: Any) -> tuple[list[Cell], list[
     suites: dict[str, Suite | str] = {}
     dictionary = None
     for name in settings.suites:
+        if name == PLUGIN_SUITE:
+            continue  # run once for every language (polybridge.bench.plugins)
         try:
             if name == "curated":
                 suites[name] = curated_suite(registry, code, ctx.resolved["curated_n"])
@@ -396,7 +431,7 @@ def _run_language(ctx: _Context, code: str, bar: Any) -> tuple[list[Cell], list[
         except (OSError, ValueError) as exc:
             encoder_reason = f"no native encoder: {exc}"
 
-    for name in settings.suites:
+    for name in suites:
         if isinstance(suites[name], Suite) and len(suites[name]):
             grids.append(_grid(ctx, suites[name]))  # type: ignore[arg-type]
     grid_of = {g.suite: g for g in grids}
@@ -408,7 +443,7 @@ def _run_language(ctx: _Context, code: str, bar: Any) -> tuple[list[Cell], list[
         pipe, reason = _method_pipe(ctx, entry, method, encoder, encoder_reason)
         if reason and any(isinstance(suite, Suite) for suite in suites.values()):
             ctx.log(f"{code}: {method} skipped: {reason}")
-        for name in settings.suites:
+        for name in suites:
             suite = suites[name]
             started = time.time()
             if isinstance(suite, str):

@@ -33,9 +33,11 @@ from polybridge.registry import LanguageEntry, Registry, RegistryError, read_yam
 from polybridge.synthetic.scenes import sample_scenes, scene_rng
 from polybridge.synthetic.world import SHAPES, Scene
 
-#: Suite names, in report order.
-SUITES: tuple[str, ...] = ("general", "culture", "curated")
+#: Suite names, in report order (``plugins``: :mod:`polybridge.bench.plugins`, run once for every language).
+SUITES: tuple[str, ...] = ("general", "culture", "curated", "plugins")
 SYNTHETIC_SUITES: tuple[str, ...] = ("general", "culture")
+#: What a run does without ``--suites``.
+DEFAULT_SUITES: tuple[str, ...] = ("general", "culture", "plugins")
 
 #: AltDiffusion MC-18's categories of culture-specific prompts.
 CATEGORIES: tuple[str, ...] = ("painting", "literature", "festival", "food", "clothing", "landmark")

@@ -47,7 +47,7 @@ def _settings(args: argparse.Namespace, reg: Any) -> Any:
     """The run's :class:`~polybridge.bench.runner.BenchSettings`, every language, method, suite and weights
     folder checked against what exists (the error lists the valid ones)."""
     from polybridge.bench.runner import METHODS, BenchSettings, bench_languages
-    from polybridge.bench.suites import SUITES
+    from polybridge.bench.suites import DEFAULT_SUITES, SUITES
 
     valid_langs = bench_languages(reg)
     langs = words(args.langs)
@@ -60,7 +60,7 @@ def _settings(args: argparse.Namespace, reg: Any) -> Any:
     for method in methods:
         if method not in METHODS:
             raise CommandError(f"--methods: unknown method {method!r}; valid: {', '.join(METHODS)}")
-    suites = words(args.suites) or ["general", "culture"]
+    suites = words(args.suites) or list(DEFAULT_SUITES)
     for suite in suites:
         if suite not in SUITES:
             raise CommandError(f"--suites: unknown suite {suite!r}; valid: {', '.join(SUITES)}")
@@ -93,15 +93,30 @@ def _check_device(args: argparse.Namespace) -> None:
 
 
 def _print_tables(result: Any, settings: Any) -> None:
-    """One table per suite: a row per language, a column per method (accuracy; CLIP-T for curated)."""
-    cells = {(c.suite, c.language, c.method): c for c in result.cells}
+    """One table per suite: a row per language, a column per method (accuracy; CLIP-T for curated); the plugins
+    suite: a row per language x method, a column per plugin row (compatibility)."""
+    from polybridge.bench.plugins import PLUGIN_SUITE
+
+    cells = {(c.suite, c.language, c.method): c for c in result.cells if c.plugin is None}
     for suite in settings.suites:
+        if suite == PLUGIN_SUITE:
+            _print_plugins(result)
+            continue
         metric = "clip_t" if suite == "curated" else "accuracy"
         rows = [[code, *(_fmt_cell(cells[(suite, code, m)], metric) for m in settings.methods)]
                 for code in result.settings["languages"]]
         print(f"{suite} ({metric})")
         print(table(rows, ["language", *settings.methods]))
         print()
+
+
+def _print_plugins(result: Any) -> None:
+    from polybridge.bench.report import plugin_table
+
+    header, rows = plugin_table(result, "compatibility")
+    print("plugins (compatibility = native joint / English joint; the English row: its joint rate)")
+    print(table(rows, header) if rows else "no plugin cell ran (the reasons are in the report)")
+    print()
 
 
 def _fmt_cell(cell: Any, metric: str) -> str:
@@ -117,7 +132,9 @@ def add_commands(sub: Any) -> None:
                        description="Run the benchmark suites (general and culture-specific synthetic prompts with "
                                    "ground truth; --suites curated adds the hand-written MC-18-style prompts) for "
                                    "each language with each method (english-reference, translate, naive-swap, bdm, "
-                                   "pea) on the same prompts, seeds and steps, and write report.md, a self-contained "
+                                   "pea) on the same prompts, seeds and steps, and the plugins suite (each toy "
+                                   "plugin and scheduler swap, English prompts against each trained branch's native "
+                                   "ones: compatibility), and write report.md, a self-contained "
                                    "report.html, results.json, image grids and bar plots to --out. A language or "
                                    "method without what it needs (encoder, branch weights, grammar) is skipped and "
                                    "the report says why.")
@@ -126,11 +143,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--methods", nargs="+", metavar="METHOD", default=None,
                    help="english-reference, translate, naive-swap, bdm, pea (default: all)")
     p.add_argument("--suites", nargs="+", metavar="SUITE", default=None,
-                   help="general, culture, curated (default: general culture)")
-    p.add_argument("--quick", action="store_true", help="8 prompts per synthetic suite, 6 curated, 10 steps "
-                                                        "(a few minutes on a CPU)")
+                   help="general, culture, curated, plugins (default: general culture plugins)")
+    p.add_argument("--quick", action="store_true", help="8 prompts per synthetic suite, 6 curated, 4 scenes per "
+                                                        "plugin row, 10 steps (a few minutes on a CPU)")
     p.add_argument("-n", type=positive_int, default=None,
-                   help="prompts per synthetic suite (default: the entry's benchmark.synthetic_prompts)")
+                   help="prompts per synthetic suite and scenes per plugin row (default: the entry's "
+                        "benchmark.synthetic_prompts; plugins: 16)")
     p.add_argument("--curated-n", type=positive_int, default=None, help="prompts per curated suite (default: all)")
     p.add_argument("--steps", type=int_upto(limits.MAX_INFERENCE_STEPS), default=None,
                    help="denoising steps (default 25, --quick 10)")

@@ -16,7 +16,8 @@ for another architecture, a Textual Inversion of another width).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,15 @@ def load_served_plugins(pipe: Any, registry: Any, names: Sequence[str] | None = 
     if loaded:
         pipe.set_adapters(loaded, adapter_weights=[registry.plugin(n).scale for n in loaded])
     return skipped
+
+
+@contextmanager
+def plugins_applied(pipe: Any, registry: Any, **names: Any) -> Iterator[Any]:
+    """:func:`use_plugins` for a ``with`` block: inside it the named plugins are on ``pipe``; after it the pipeline is
+    as it was (its components back, the adapters and tokens it added gone), so plugins can be tried one at a time."""
+    before = _snapshot(pipe)
+    use_plugins(pipe, registry, **names)  # a failure leaves the pipeline as it was
+    try:
+        yield pipe
+    finally:
+        _restore(pipe, before)
