@@ -24,6 +24,7 @@ from polybridge.registry import (
     RegistryError,
     load_language,
     load_registry,
+    read_yaml,
 )
 from polybridge.unicode_scripts import KNOWN_SCRIPTS
 
@@ -134,7 +135,13 @@ def copy_registry(source: str | Path, dest: str | Path, artifacts: bool | Sequen
     (``benchmarks/prompts/``) come along, so the copy validates."""
     source, dest = Path(source), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source / "registry.yaml", dest / "registry.yaml")
+    text = (source / "registry.yaml").read_text(encoding="utf-8")
+    plugins = (read_yaml(source / "registry.yaml") or {}).get("plugins") or {}
+    for spec in plugins.values():  # plugins stay where they are: local sources become absolute
+        local = spec.get("source") if isinstance(spec, dict) else None
+        if isinstance(local, str) and local.startswith("./"):
+            text = text.replace(f"source: {local}\n", f"source: {(source / local).resolve()}\n")
+    (dest / "registry.yaml").write_text(text, encoding="utf-8")
     if (source / "benchmarks" / "prompts").is_dir():
         shutil.copytree(source / "benchmarks" / "prompts", dest / "benchmarks" / "prompts", dirs_exist_ok=True)
     for folder in sorted((source / "languages").iterdir()):

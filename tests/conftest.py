@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def registry_with_tiny_backbone(dest: Path, components: dict | None = None) -> P
     text = registry.read_text(encoding="utf-8")
     old = "source: ./polybridge/assets/polybridge-tiny\n    architecture: sd1"
     assert old in text
-    registry.write_text(text.replace(old, f"source: ./model\n    architecture: {architecture}"), encoding="utf-8")
+    text = text.replace(old, f"source: ./model\n    architecture: {architecture}")
+    # the real registry's plugins are made for the real backbone: they do not fit this one
+    text = re.sub(r"\nplugins:\n(?:[ #].*\n|\n)*", "\n", text)
+    registry.write_text(text, encoding="utf-8")
     return registry
 
 

@@ -216,3 +216,12 @@ def test_cli_registry_list_shows_plugins_and_validate_checks_them(capsys, regist
         check_plugin(reg, "ckpt")
     with pytest.raises(PluginError, match=r"lora plugin 'gone'.*does not exist"):
         check_plugin(reg, "gone")
+
+
+def test_a_copy_of_the_real_registry_keeps_its_plugins_and_validates(capsys, registry_copy):
+    """A registry copy (tests, experiments) points at the original's plugins; where its backbone is not built the
+    architecture check says "unchecked" instead of failing on the missing backbone config."""
+    code = main(["--registry", str(registry_copy), "registry", "validate", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["plugins"]["outline-lora"] == "ok"
+    assert out["plugins"]["layout-controlnet"] == "unchecked" and out["plugins"]["navy-checkpoint"] == "unchecked"

@@ -139,7 +139,8 @@ def load_controlnet(source: str | Path, name: str, unet: Any = None) -> Any:
 
 
 def check_plugin(registry: Any, name: str) -> str:
-    """``polybridge registry validate``: ``ok``, ``hub`` (not checked offline), or a PluginError naming what is
+    """``polybridge registry validate``: ``ok``, ``hub`` (not checked offline), ``unchecked`` (its backbone's folder
+    is missing, so its architecture cannot be compared), or a PluginError naming what is
     wrong. Reads only configs and safetensors headers: the source exists in its kind's format, and a ControlNet's or a
     checkpoint's UNet config is the architecture of the backbone it names (when that backbone is a local folder)."""
     import json
@@ -161,6 +162,8 @@ def check_plugin(registry: Any, name: str) -> str:
     backbone = registry.backbone_source(spec.backbone)
     if config is None or source.is_file() or isinstance(backbone, str):
         return "ok"
+    if not (backbone / "unet" / "config.json").is_file():  # the backbone is not built here: nothing to compare
+        return "unchecked"
     if not config.is_file():
         raise PluginError(f"{where}: {config} is missing; a diffusers-format {spec.kind} has it")
     from polybridge.backbones import architecture_diff, architecture_fingerprint
