@@ -215,7 +215,8 @@ class _Trainee:
                           str(tmp / "learned_embeds.safetensors"))
             else:  # the backbone folder as it is, with the fine-tuned UNet
                 shutil.rmtree(tmp)
-                shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.png", "eval*.json", "README.md", "polybridge_build.json"))
+                skip = shutil.ignore_patterns("*.png", "eval*.json", "README.md", "polybridge_build.json")
+                shutil.copytree(source, tmp, ignore=skip)
                 self.unet.to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
                 self.unet.to(torch.float32)
                 from polybridge.embedded.tiny_backbone import keep_float32_by_default
