@@ -280,18 +280,24 @@ def make_inference_scheduler(cfg: EmbeddedConfig):
 @torch.no_grad()
 def cache_latents(vae, cfg: EmbeddedConfig, work: Path) -> tuple[torch.Tensor, list[Scene]]:
     """Encode ``latent_cache`` training scenes once (the VAE is frozen from here on)."""
-    path = work / "latents.safetensors"
     scenes = sample_scenes(cfg.latent_cache, step_seed(cfg.seed, "unet-data", 0), "train")
+    return encode_scenes_cached(vae, scenes, cfg.image_size, work / "latents.safetensors"), scenes
+
+
+@torch.no_grad()
+def encode_scenes_cached(vae, scenes: Sequence[Scene], size: int, path: Path) -> torch.Tensor:
+    """The VAE latents (posterior means) of ``scenes`` rendered at ``size``, read from ``path`` when it holds as
+    many, else encoded in chunks and written there atomically."""
     if path.is_file():
         latents = load_file(str(path))["latents"]
         if latents.shape[0] == len(scenes):
-            return latents, scenes
+            return latents
     chunks = []
     for i in tqdm(range(0, len(scenes), 512), desc="encode latents", dynamic_ncols=True):
-        chunks.append(vae.encode(render_batch(scenes[i:i + 512], cfg.image_size)).latent_dist.mean)
+        chunks.append(vae.encode(render_batch(scenes[i:i + 512], size)).latent_dist.mean)
     latents = torch.cat(chunks).contiguous()
     atomic_write_bytes(path, save_tensors({"latents": latents}))
-    return latents, scenes
+    return latents
 
 
 def train_unet(work: Path, cfg: EmbeddedConfig, vae, tokenizer, caption: Callable[[Scene, random.Random], str],

@@ -27,10 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from safetensors.torch import save as save_tensors
 
-from polybridge.atomic import atomic_dir, atomic_write_bytes
+from polybridge.atomic import atomic_dir
 from polybridge.errors import PolyBridgeValueError
 from polybridge.schedules import warmup_cosine
 from polybridge.seeding import step_seed
@@ -100,7 +98,8 @@ class _Data:
     prompt says (the scene captions are made from), plus the hint a ControlNet reads."""
 
     def __init__(self, plugin: ToyPlugin, cfg: ToyTrainConfig, vae: Any, work: Path):
-        from polybridge.synthetic.batches import images_to_tensor, render_batch
+        from polybridge.embedded.tiny_backbone import encode_scenes_cached
+        from polybridge.synthetic.batches import images_to_tensor
         from polybridge.synthetic.render import render_hint
 
         said = sample_scenes(cfg.scenes, step_seed(cfg.seed, f"toy-{plugin.name}", 0), "train",
@@ -112,14 +111,7 @@ class _Data:
         else:
             drawn = said
         self.said = said
-        path = work / "latents.safetensors"
-        if path.is_file() and load_file(str(path))["latents"].shape[0] == len(drawn):
-            self.latents = load_file(str(path))["latents"]
-        else:
-            with torch.no_grad():
-                self.latents = torch.cat([vae.encode(render_batch(drawn[i:i + 512], 32)).latent_dist.mean
-                                          for i in range(0, len(drawn), 512)]).contiguous()
-            atomic_write_bytes(path, save_tensors({"latents": self.latents}))
+        self.latents = encode_scenes_cached(vae, drawn, 32, work / "latents.safetensors")
         # a ControlNet reads its hint in [0, 1], as diffusers' ControlNet pipelines hand it over
         self.hints = (images_to_tensor([render_hint(s, 32, plugin.target) for s in said]) * 0.5 + 0.5
                       if plugin.effect == "layout" else None)
