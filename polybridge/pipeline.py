@@ -51,10 +51,12 @@ from diffusers import (
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import (
     FromSingleFileMixin,
+    IPAdapterMixin,
     StableDiffusionLoraLoaderMixin,
     TextualInversionLoaderMixin,
 )
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    StableDiffusionPipeline,
     rescale_noise_cfg,
     retrieve_timesteps,
 )
@@ -84,6 +86,7 @@ from polybridge.errors import (
     PolyBridgeValueError,
 )
 from polybridge.plugins import controlnet as cn
+from polybridge.plugins import ip_adapter as ip
 from polybridge.plugins import lora as row_lora
 from polybridge.plugins.loaders import CheckedLoaders
 from polybridge.registry import LanguageEntry, Registry, RegistryError, load_registry
@@ -157,6 +160,7 @@ class _Run:
     callback_inputs: tuple[str, ...] = ("latents",)
     control: cn.ControlSource | None = None
     backbone: Conditioning | None = None  # the backbone's own prompt encoding: what a ControlNet reads
+    image_embeds: list[torch.Tensor] | None = None  # an IP-Adapter's image prompt, per adapter (the UNet reads it)
 
 
 @dataclass
@@ -169,7 +173,7 @@ class _BranchRows:
 
 
 class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraLoaderMixin,
-                         TextualInversionLoaderMixin, FromSingleFileMixin):
+                         TextualInversionLoaderMixin, FromSingleFileMixin, IPAdapterMixin):
     """Text-to-image with one frozen English backbone and native-language branches.
 
     diffusers' loader mixins (LoRA, Textual Inversion, single file) act on the backbone only; a ``controlnet``
@@ -181,15 +185,17 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         image = pipe("红色的灯笼", language="zh", num_inference_steps=25).images[0]
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["encoders", "branches", "text_encoder_2", "tokenizer_2", "controlnet"]  # noqa: RUF012
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components = ["encoders", "branches", "text_encoder_2", "tokenizer_2", "controlnet",  # noqa: RUF012
+                            "image_encoder", "feature_extractor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]  # noqa: RUF012 (diffusers' own)
 
     def __init__(self, vae: AutoencoderKL, text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  unet: UNet2DConditionModel, scheduler: SchedulerMixin, encoders: LanguageModules | None = None,
                  branches: LanguageModules | None = None, backbone_language: str = "en",
                  text_encoder_2: PreTrainedModel | None = None, tokenizer_2: PreTrainedTokenizerBase | None = None,
-                 controlnet: ControlNetModel | MultiControlNetModel | None = None):
+                 controlnet: ControlNetModel | MultiControlNetModel | None = None, image_encoder: Any = None,
+                 feature_extractor: Any = None):
         super().__init__()
         if controlnet is not None:
             controlnet = self._fitting_controlnet(controlnet, unet)
@@ -205,7 +211,8 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
             raise BackboneError(f"PolyBridgePipeline: an {family} backbone needs {', '.join(missing)}")
         # SDXL's second text side; None on the other families (as diffusers' optional components are)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              encoders=LanguageModules(), branches=LanguageModules(), controlnet=controlnet, **given)
+                              encoders=LanguageModules(), branches=LanguageModules(), controlnet=controlnet,
+                              image_encoder=image_encoder, feature_extractor=feature_extractor, **given)
         self.register_to_config(backbone_language=backbone_language)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -631,6 +638,7 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 conditioning = self._step_conditioning(base, model_input, t, items)
                 conditioning = self._control_conditioning(conditioning, model_input, t, i, run)
+                conditioning = ip.with_image_embeds(conditioning, run.image_embeds)
                 noise = self.family.unet_call(self.unet, model_input, t, conditioning, **extra)
                 if run.do_cfg:
                     noise_uncond, noise_text = noise.chunk(2)
@@ -722,6 +730,11 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
+    # ------------------------------------------------------------------ IP-Adapter (diffusers' own image encoding)
+
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
+
     # ------------------------------------------------------------------ ControlNet
 
     @staticmethod
@@ -792,7 +805,9 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         ``guidance_rescale``, ``cross_attention_kwargs`` (``{"scale": s}``: the LoRA scale), ``clip_skip``,
         ``callback_on_step_end`` with ``callback_on_step_end_tensor_inputs``. As
         ``StableDiffusionControlNetPipeline``: ``image`` (the hint), and in ``options``:
-        ``controlnet_conditioning_scale``, ``control_guidance_start`` / ``_end``. ``lora_adapters``: one LoRA
+        ``controlnet_conditioning_scale``, ``control_guidance_start`` / ``_end``. As with diffusers' IP-Adapter
+        (``load_ip_adapter``): ``ip_adapter_image`` / ``ip_adapter_image_embeds`` in ``options``, the image prompt of
+        every image of the call. ``lora_adapters``: one LoRA
         adapter name (or ``None``) per prompt, all in one denoising loop (:mod:`polybridge.plugins.lora`).
         """
         options = _check_options(options)
@@ -817,6 +832,8 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         device = self._execution_device
         timesteps = self._timesteps(num_inference_steps, device, timesteps, sigmas)
         run.control = self._prepare_control(image, options, run, batch, n, (height, width), len(timesteps), device)
+        run.image_embeds = ip.call_image_embeds(self, options.get("ip_adapter_image"),
+                                                options.get("ip_adapter_image_embeds"), batch, run.do_cfg, device)
         items = self._branch_inputs(rows, run.do_cfg, branch_scale, device)
         base = self._call_conditioning(rows, items, run, height, width, device, embeds)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -851,7 +868,8 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
 #: Keyword arguments of ``__call__`` beyond its named ones (diffusers' own meanings).
 CALL_OPTIONS = ("eta", "guidance_rescale", "cross_attention_kwargs", "clip_skip", "callback_on_step_end",
                 "callback_on_step_end_tensor_inputs", "controlnet_conditioning_scale", "control_guidance_start",
-                "control_guidance_end", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+                "control_guidance_end", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "ip_adapter_image",
+                "ip_adapter_image_embeds")
 #: SDXL's pooled text embeddings, given beside ``prompt_embeds`` as to ``StableDiffusionXLPipeline``.
 POOLED_EMBEDS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 

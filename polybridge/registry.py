@@ -330,12 +330,12 @@ class BackboneSpec:
 class PluginSpec:
     """A plugin made for one of the registry's backbones, in a stock diffusers format (:mod:`polybridge.plugins`)."""
 
-    kind: Literal["lora", "controlnet", "textual_inversion", "checkpoint"]
+    kind: Literal["lora", "controlnet", "textual_inversion", "checkpoint", "ip_adapter"]
     source: str  # a folder, a file (.safetensors) or a hub id
     backbone: str | None = None  # the backbone it was made for (default: default_backbone)
     weight_name: str | None = None  # the weights file inside a folder source
     token: str | None = None  # textual_inversion: the token it adds
-    scale: float = 1.0  # lora: the adapter's weight
+    scale: float = 1.0  # lora, ip_adapter: the adapter's weight
     variant: str | None = None  # checkpoint: e.g. fp16
     description: str = ""
     name: str = _derived("")

@@ -79,6 +79,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if bool(args.image) != bool(args.controlnet):
         raise CommandError("--controlnet NAME needs --image HINT.png (one per ControlNet), and --image needs "
                            "--controlnet")
+    if bool(args.ip_image) != bool(args.ip_adapter):
+        raise CommandError("--ip-adapter NAME needs --ip-image IMAGE (the image prompt), and --ip-image needs "
+                           "--ip-adapter")
 
 
 def _languages_needed(args: argparse.Namespace, reg: Any, prompts: list[str]) -> tuple[list[str], list | None]:
@@ -141,7 +144,9 @@ def _draw(args: argparse.Namespace, pipeline_cls: Any, reg: Any, needed: list[st
     if args.branch_scale is not None:
         kwargs["branch_scale"] = args.branch_scale
     if args.image:
-        kwargs["image"] = _hints(args.image)
+        kwargs["image"] = _hints(args.image, "--image")
+    if args.ip_image:
+        kwargs["ip_adapter_image"] = _hints([args.ip_image], "--ip-image")
     if args.english_prompt and args.lang != reg.backbone().language:  # routed prompts: appended to their English
         kwargs["english_prompt"] = args.english_prompt
     images = []
@@ -168,7 +173,7 @@ def _resume_key(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
 
 def _with_plugins(args: argparse.Namespace, pipeline_cls: Any, reg: Any, needed: list[str]) -> Any:
     """The pipeline on ``--backbone`` (a registry backbone, or a checkpoint plugin on the default one), with the
-    ``--ti``, ``--lora`` and ``--controlnet`` plugins loaded."""
+    ``--ti``, ``--lora``, ``--controlnet`` and ``--ip-adapter`` plugins loaded."""
     from polybridge.plugins.use import use_plugins
 
     backbone, checkpoint = args.backbone, None
@@ -179,11 +184,12 @@ def _with_plugins(args: argparse.Namespace, pipeline_cls: Any, reg: Any, needed:
                                f"{', '.join(reg.backbones)}) nor a checkpoint plugin ({', '.join(kinds) or 'none'})")
         backbone, checkpoint = reg.plugins[backbone].backbone, backbone
     pipe = pipeline_cls.from_registry(reg, languages=needed, backbone=backbone)
-    use_plugins(pipe, reg, loras=args.lora, controlnets=args.controlnet, tis=args.ti, checkpoint=checkpoint)
+    use_plugins(pipe, reg, loras=args.lora, controlnets=args.controlnet, tis=args.ti, checkpoint=checkpoint,
+                ip_adapter=args.ip_adapter)
     return pipe
 
 
-def _hints(paths: list[str]) -> Any:
+def _hints(paths: list[str], flag: str) -> Any:
     import PIL.Image
 
     images = []
@@ -192,12 +198,13 @@ def _hints(paths: list[str]) -> Any:
             with PIL.Image.open(path) as im:
                 images.append(im.copy())
         except OSError as exc:
-            raise CommandError(f"--image {path}: cannot read it as an image ({exc})") from None
+            raise CommandError(f"{flag} {path}: cannot read it as an image ({exc})") from None
     return images if len(images) > 1 else images[0]
 
 
 def _plugins_record(args: argparse.Namespace) -> dict[str, Any]:
-    return {"lora": args.lora, "controlnet": args.controlnet, "ti": args.ti, "image": args.image}
+    return {"lora": args.lora, "controlnet": args.controlnet, "ti": args.ti, "image": args.image,
+            "ip_adapter": args.ip_adapter, "ip_image": args.ip_image}
 
 
 def _write_images(args: argparse.Namespace, target: Path, images: list) -> list[str]:
@@ -257,7 +264,8 @@ def add_commands(sub: Any) -> None:
 
 
 def _add_plugin_flags(p: Any) -> None:
-    """``--backbone``, ``--lora``, ``--controlnet``, ``--image``, ``--ti``: names from the registry."""
+    """``--backbone``, ``--lora``, ``--controlnet``, ``--image``, ``--ti``, ``--ip-adapter``, ``--ip-image``: names
+    from the registry."""
     p.add_argument("--backbone", default=None, help="a registry backbone, or a checkpoint plugin (default: "
                                                      "default_backbone); every branch is kept")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
@@ -266,3 +274,6 @@ def _add_plugin_flags(p: Any) -> None:
                    help="a ControlNet plugin of the registry (repeatable; one --image each)")
     p.add_argument("--image", action="append", default=[], metavar="HINT.png", help="a ControlNet's hint image")
     p.add_argument("--ti", action="append", default=[], metavar="NAME", help="a Textual Inversion plugin (repeatable)")
+    p.add_argument("--ip-adapter", default=None, metavar="NAME",
+                   help="an IP-Adapter plugin of the registry (at its scale); its image prompt is --ip-image")
+    p.add_argument("--ip-image", default=None, metavar="IMAGE", help="the IP-Adapter's image prompt (any image file)")

@@ -109,3 +109,43 @@ class CheckedLoaders:
                 message = (f"its embeddings are not {encoder.get_input_embeddings().weight.shape[-1]} wide, the "
                            "width of the backbone's text encoder, so it is for another architecture")
             raise PluginError(f"Textual Inversion {name!r}: {message}; {self._fits_hint()}") from None
+
+    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict: Any, subfolder: Any = "",
+                        weight_name: Any = "ip-adapter.safetensors", image_encoder_folder: str | None = "image_encoder",
+                        **kwargs: Any) -> None:
+        """diffusers' ``load_ip_adapter``, the weights checked against the backbone UNet first (a local folder or
+        a state dict); if loading fails half-way, the pipeline is put back as it was."""
+        from polybridge.plugins import ip_adapter as ip
+
+        sources = pretrained_model_name_or_path_or_dict
+        names = weight_name if isinstance(weight_name, list) else [weight_name]
+        sources = sources if isinstance(sources, list) else [sources] * len(names)
+        subfolders = subfolder if isinstance(subfolder, list) else [subfolder] * len(names)
+        for source, sub, name in zip(sources, subfolders, names, strict=False):
+            state = source if isinstance(source, Mapping) else ip.read_local(source, sub, name)
+            if state is None:
+                continue  # a hub id: diffusers reads (and checks) it
+            problems = ip.ip_adapter_mismatches(dict(state), self.unet)
+            if problems:
+                more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+                raise PluginError(f"IP-Adapter {_plugin_name(source)} is for another architecture: "
+                                  f"{'; '.join(problems[:3])}{more}; {self._fits_hint()}")
+            if not isinstance(source, Mapping) and image_encoder_folder and self.image_encoder is None:
+                folder = Path(source) / (sub or "") / image_encoder_folder if "/" not in image_encoder_folder else \
+                    Path(source) / image_encoder_folder
+                if not (folder / "config.json").is_file():
+                    raise PluginError(f"IP-Adapter {source}: no image encoder at {folder} (a CLIPVisionModelWithProjection "
+                                      "folder); give image_encoder_folder=, or load the pipeline's image_encoder first")
+        before = (self.image_encoder, self.feature_extractor, dict(self.unet.attn_processors),
+                  getattr(self.unet, "encoder_hid_proj", None), getattr(self.unet.config, "encoder_hid_dim_type", None))
+        try:
+            super().load_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder=subfolder,
+                                    weight_name=weight_name, image_encoder_folder=image_encoder_folder, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            encoder, extractor, processors, hid_proj, hid_type = before
+            self.register_modules(image_encoder=encoder, feature_extractor=extractor)
+            self.unet.set_attn_processor(processors)
+            self.unet.encoder_hid_proj = hid_proj
+            self.unet.config.encoder_hid_dim_type = hid_type
+            raise PluginError(f"IP-Adapter {_plugin_name(sources[0])}: cannot be loaded: "
+                              f"{str(exc).splitlines()[0]}") from None

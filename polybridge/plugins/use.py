@@ -7,6 +7,7 @@
       edges:      {kind: controlnet, source: ./plugins/edges}
       toy:        {kind: textual_inversion, source: ./plugins/toy.safetensors, token: "<toy>"}
       tiny-ft:    {kind: checkpoint, source: ./plugins/tiny-ft, variant: fp16}
+      look:       {kind: ip_adapter, source: ./plugins/look, scale: 0.6}   # ip-adapter.safetensors + image_encoder/
 
 Each plugin names the backbone it was made for (default: ``default_backbone``); one for a backbone of another
 family is refused before anything is loaded, and the loaders check the weights themselves (a LoRA or a ControlNet
@@ -67,24 +68,31 @@ def _source(registry: Any, spec: Any) -> str:
 
 
 def use_plugins(pipe: Any, registry: Any, *, loras: Sequence[str] = (), controlnets: Sequence[str] = (),
-                tis: Sequence[str] = (), checkpoint: str | None = None) -> None:
+                tis: Sequence[str] = (), checkpoint: str | None = None, ip_adapter: str | None = None) -> None:
     """Load the named plugins into ``pipe``: a checkpoint first, then Textual Inversions, LoRAs (``NAME[:SCALE]``,
-    all active with their scales) and ControlNets (several: a MultiControlNet, hints in that order)."""
+    all active with their scales), ControlNets (several: a MultiControlNet, hints in that order) and an IP-Adapter
+    (at its registry scale; a call then takes ``ip_adapter_image=``)."""
     specs = [_spec(registry, checkpoint, "checkpoint", pipe)] if checkpoint else []
     specs += [_spec(registry, n, "textual_inversion", pipe) for n in tis]
     lora_scales = [parse_lora(text) for text in loras]
     specs += [_spec(registry, n, "lora", pipe) for n, _ in lora_scales]
     specs += [_spec(registry, n, "controlnet", pipe) for n in controlnets]  # every name checked before loading
+    specs += [_spec(registry, ip_adapter, "ip_adapter", pipe)] if ip_adapter else []
     before = _snapshot(pipe)
     try:
         _load(pipe, registry, checkpoint, tis, lora_scales, controlnets)
+        if ip_adapter:
+            spec = registry.plugin(ip_adapter)
+            pipe.load_ip_adapter(_source(registry, spec), subfolder="",
+                                 weight_name=spec.weight_name or "ip-adapter.safetensors")
+            pipe.set_ip_adapter_scale(spec.scale)
     except BaseException:
         _restore(pipe, before)
         raise
 
 
 def _snapshot(pipe: Any) -> dict[str, Any]:
-    names = [*pipe.family.component_names(), "controlnet"]
+    names = [*pipe.family.component_names(), "controlnet", "image_encoder", "feature_extractor"]
     return {"components": {n: getattr(pipe, n) for n in names}, "vocab": set(pipe.tokenizer.get_vocab()),
             "adapters": {a for names in pipe.get_list_adapters().values() for a in names}}
 
@@ -98,6 +106,8 @@ def _restore(pipe: Any, before: dict[str, Any]) -> None:
         tokens = sorted(set(pipe.tokenizer.get_vocab()) - before["vocab"])
         if tokens:
             pipe.unload_textual_inversion(tokens)
+        if before["components"]["image_encoder"] is None and pipe.image_encoder is not None:
+            pipe.unload_ip_adapter()
     pipe.register_modules(**before["components"])
 
 
@@ -153,8 +163,11 @@ def check_plugin(registry: Any, name: str) -> str:
     if not source.exists():
         raise PluginError(f"{where}: {source} does not exist")
     files = [source] if source.is_file() else sorted(source.rglob("*.safetensors"))
-    if spec.weight_name:
-        files = [source / spec.weight_name]
+    if spec.weight_name or spec.kind == "ip_adapter":
+        files = [source / (spec.weight_name or "ip-adapter.safetensors")]
+    if spec.kind == "ip_adapter" and not (source / "image_encoder" / "config.json").is_file():
+        raise PluginError(f"{where}: no image encoder at {source / 'image_encoder'} (an IP-Adapter folder holds "
+                          "its weights and a CLIPVisionModelWithProjection folder image_encoder/)")
     if not files or not all(f.is_file() and f.suffix == ".safetensors" for f in files):
         raise PluginError(f"{where}: no .safetensors weights at {source}"
                           + (f" (weight_name {spec.weight_name!r})" if spec.weight_name else ""))
