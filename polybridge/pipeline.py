@@ -357,6 +357,10 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
         if unknown or kwargs.get("safe_serialization", True) is False:
             raise PolyBridgeValueError(f"save_pretrained: unsupported argument(s) {sorted(unknown or kwargs)}; "
                                        "polybridge saves safetensors only")
+        if ip.has_ip_adapter(self.unet):
+            raise PolyBridgeValueError("save_pretrained: an IP-Adapter is loaded into the backbone UNet; call "
+                                       "pipe.unload_ip_adapter() first (an IP-Adapter stays its own folder, loaded "
+                                       "again with load_ip_adapter)")
         save_pipeline(self, save_directory, overwrite=overwrite)
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:

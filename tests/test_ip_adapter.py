@@ -79,7 +79,7 @@ def test_untrained_branch_with_an_image_prompt_is_the_backbone_with_it(adapter):
                                _np(sd, "", ip_adapter_image=_image()), atol=1e-5)
 
 
-def test_image_prompt_composes_with_a_trained_branch_and_leaves_it_alone(adapter):
+def test_image_prompt_composes_with_a_trained_branch_and_leaves_it_alone(adapter, tmp_path):
     pipe = _pipe()
     branch = {k: v.clone() for k, v in pipe.branches["zh"].state_dict().items()}
     fingerprint = architecture_fingerprint(pipe.unet)
@@ -100,6 +100,10 @@ def test_image_prompt_composes_with_a_trained_branch_and_leaves_it_alone(adapter
     # a branch can still be added with the adapter loaded, and the adapter leaves branches as they were
     pipe.add_language("ja", native_encoder(48, seed=2, code="ja"), BDMBranch.from_unet(pipe.unet, 48))
     assert all(torch.equal(v, branch[k]) for k, v in pipe.branches["zh"].state_dict().items())
+    with pytest.raises(PolyBridgeError, match="an IP-Adapter is loaded into the backbone UNet; call "
+                                              r"pipe.unload_ip_adapter\(\) first"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
     pipe.unload_ip_adapter()
     assert pipe.image_encoder is None
     np.testing.assert_allclose(_np(pipe, ZH, language="zh"), before, atol=1e-5)

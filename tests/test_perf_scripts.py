@@ -68,3 +68,37 @@ def test_data_scale_reports_every_size(capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["size"] for r in lines] == [40, 80] and [r["examples"] for r in lines] == [40, 80]
     assert all(r["peak_rss_mb"] > 0 and r["train_samples_per_s"] > 0 for r in lines)
+
+
+def test_inference_step_and_memory_parts_run(tmp_path, capsys):
+    """The inference benchmark's step part times steps apart from calls, and its memory part, in a fresh process,
+    finds each parameter held once and the process grown by at least the parts' bytes."""
+    inference = _load("inference")
+    out = tmp_path / "inference.json"
+    assert inference.main(["--parts", "step", "memory", "--steps", "3", "--batch", "1", "--rounds", "1",
+                           "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    step = result["step"]
+    assert set(step["step_seconds"]) == {"plain", "bdm", "pea"}
+    for side, seconds in step["step_seconds"].items():
+        assert 0 < seconds < step["seconds"][side]  # a step is part of a call
+    split = step["bdm_step_split_seconds"]
+    assert 0 < split["branch"] < step["step_seconds"]["bdm"] and 0 < split["unet_in_a_plain_step"]
+    memory = result["memory"]
+    assert memory["languages_loaded"] == ["zh", "ja", "ko", "ru", "ar", "es"]
+    assert memory["each_parameter_once"] is True
+    assert memory["loaded_bytes"] >= memory["parts_apart_bytes"] * 0.9  # fp32 weights in memory are read, not guessed
+    assert memory["peak_in_a_call_bytes"] >= memory["loaded_bytes"]
+    assert "memory with 6 languages loaded" in capsys.readouterr().out
+
+
+def test_inference_profile_times_the_vae(tmp_path):
+    """The profile splits the mixed call's time by module; the VAE decodes through ``decode()``, not its forward,
+    so it used to count as "rest" (0% VAE)."""
+    inference = _load("inference")
+    out = tmp_path / "inference.json"
+    assert inference.main(["--parts", "profile", "--steps", "1", "--profile-rounds", "1", "--threads", "1",
+                           "--out", str(out)]) == 0
+    split = json.loads(out.read_text(encoding="utf-8"))["profile"]["mixed_call_split"]
+    assert split["vae"] > 0 and split["unet"] > 0 and split["branches"] > 0
+    assert abs(sum(split.values()) - 1) < 1e-6

@@ -183,8 +183,9 @@ def test_to_moves_languages(components):
     assert p.encoders["zh"].dtype == torch.float64 and p.branches["zh"].dtype == torch.float64
     assert p.dtype == torch.float64
     assert set(p.components) == {"vae", "text_encoder", "tokenizer", "unet", "scheduler", "encoders", "branches",
-                                 "text_encoder_2", "tokenizer_2", "controlnet"}
+                                 "text_encoder_2", "tokenizer_2", "controlnet", "image_encoder", "feature_extractor"}
     assert p.text_encoder_2 is None and p.tokenizer_2 is None  # SDXL's second text side, absent on an sd backbone
+    assert p.image_encoder is None and p.feature_extractor is None  # an IP-Adapter's, until one is loaded
 
 
 def test_add_language_checks_the_branch(components):

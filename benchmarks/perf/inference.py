@@ -1,19 +1,23 @@
 """Inference figures, each a ratio of two sides measured turn about in one process (medians of the rounds).
 
-    python benchmarks/perf/inference.py                     # the embedded default (tiny): step, mixed, server
+    python benchmarks/perf/inference.py                     # the embedded default (tiny): step, mixed, memory, server
     python benchmarks/perf/inference.py --parts profile     # why the mixed call gains what it gains here
-    python benchmarks/perf/inference.py --sd15 --steps 2 --batch 1 --rounds 2 --parts step   # SD 1.5's architecture
+    python benchmarks/perf/inference.py --sd15 --steps 3 --batch 1 --parts step memory   # SD 1.5's architecture
     python benchmarks/perf/inference.py --device cuda --sd15   # on a GPU (the targets are about SD 1.5's size)
 
-1. ``step``: the cost of a pipeline call (``output_type="latent"``: text encoders + the denoising loop) with a bdm
-   branch and with a pea adapter against the plain backbone on an English prompt, same batch and steps
+1. ``step``: the cost of a pipeline call (``output_type="latent"``: text encoders + the denoising loop) and of one
+   denoising step (the median time between consecutive step ends, so without the encoders run once a call) with a
+   bdm branch and with a pea adapter against the plain backbone on an English prompt, same batch and steps
    (targets at SD 1.5's size: bdm <= 1.38x, the FLOP ratio being 1.35; pea <= 1.05x).
 2. ``mixed``: 4 languages x 4 prompts in one call, against four per-language pipelines each with its own backbone
-   (one call each), and against 16 single calls; memory: the parameters of one pipeline with 6 languages against
-   backbone + encoders + branches counted apart (target <= 1.10x), and against 6 per-language pipelines.
-3. ``server``: ``polybridge serve``'s app in process (httpx's ASGI transport, no sockets) under 64 concurrent
+   (one call each), and against 16 single calls. At SD 1.5's size on a CPU the four calls run on one backbone (the
+   same computation; four SD 1.5 backbones do not fit a small machine's memory); the JSON says which.
+3. ``memory``: in a fresh process, the memory that loading one pipeline with 6 languages adds (the resident set on a
+   CPU, allocated memory on CUDA) against backbone + encoders + branches counted apart (target <= 1.10x), the peak
+   of a call with a prompt in each language, and what 6 per-language pipelines would hold.
+4. ``server``: ``polybridge serve``'s app in process (httpx's ASGI transport, no sockets) under 64 concurrent
    clients in 4 languages, against the same 64 requests one at a time: throughput, p50/p95 latency, requests lost.
-4. ``profile``: why the mixed call gains what it gains on this device: the backbone UNet's time per row at the mixed
+5. ``profile``: why the mixed call gains what it gains on this device: the backbone UNet's time per row at the mixed
    call's batch (16 prompts, 32 rows under guidance) against a per-language call's (4 prompts, 8 rows), which bounds
    what batching can pay; and where the mixed call's time goes (UNet, branches, text encoders, VAE, the rest).
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
@@ -49,7 +54,8 @@ MIXED = {"en": ["a red circle on the left", "a blue square at the top", "a green
          "zh": ["左边有一个红色的灯笼", "在黑色背景上有一个蓝色的圆", "右边有一个绿色的三角形", "上面有一个黄色的方块"],
          "ja": ["左に赤い鳥居", "黒い背景に青い丸", "右に緑の三角", "上に黄色い四角"],
          "ru": ["красный фонарь слева", "синий круг на чёрном фоне", "зелёный треугольник справа", "жёлтый квадрат"]}
-SIX = ["zh", "ja", "ko", "ru", "ar", "es"]
+SIX = {"zh": "左边有一个红色的灯笼", "ja": "左に赤い鳥居", "ko": "왼쪽에 빨간 원", "ru": "красный фонарь слева",
+       "ar": "دائرة حمراء على اليسار", "es": "un círculo rojo a la izquierda"}
 
 
 def _sync(device: str) -> None:
@@ -88,6 +94,16 @@ def _tiny(languages: list[str], device: str) -> PolyBridgePipeline:
     return pipe
 
 
+def _sd15_folder(work: Path) -> Path:
+    """SD 1.5's architecture with random weights, saved once in ``work``."""
+    from train_throughput import _random_backbone
+
+    folder = work / "sd15"
+    if not folder.exists():
+        _random_backbone(folder, sd15=True)
+    return folder
+
+
 def _sd15(work: Path, languages: list[str], device: str) -> PolyBridgePipeline:
     """SD 1.5's architecture with random weights; each language a random 1024-wide, 2-layer native encoder (its
     committed tokenizer) and an untrained bdm branch (zero convs perturbed, so that it does work)."""
@@ -95,12 +111,8 @@ def _sd15(work: Path, languages: list[str], device: str) -> PolyBridgePipeline:
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
     from polybridge.encoders import NativeEncoder
-    from train_throughput import _random_backbone
 
-    folder = work / "sd15"
-    if not folder.exists():
-        _random_backbone(folder, sd15=True)
-    sd = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    sd = StableDiffusionPipeline.from_pretrained(_sd15_folder(work), safety_checker=None, requires_safety_checker=False)
     pipe = PolyBridgePipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
                               scheduler=sd.scheduler)
     for i, code in enumerate(languages):
@@ -142,16 +154,44 @@ def _params(*modules) -> int:
 
 
 def part_step(pipe: PolyBridgePipeline, args, sd15: bool) -> dict:
+    """Per call and per denoising step: a step's cost is the median time between consecutive ends of steps
+    (``callback_on_step_end``), so the encoders, run once a call, are left out of it."""
     pea = _with_pea(pipe, "zh", sd15)
     prompt_zh, prompt_en = MIXED["zh"][0], MIXED["en"][0]
-    kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, output_type="latent")
+    steps: dict[str, list[float]] = {"plain": [], "bdm": [], "pea": []}
 
-    def call(prompt, code):
-        return lambda: pipe([prompt] * args.batch, language=code, generator=torch.Generator().manual_seed(0), **kw)
+    def call(prompt, code, side):
+        def on_step_end(_pipe, i, _t, _kw):
+            _sync(args.device)
+            ends.append(time.perf_counter())
+            return {}
+        ends: list[float] = []
 
-    t = _interleaved({"plain": call(prompt_en, "en"), "bdm": call(prompt_zh, "zh"), "pea": call(prompt_zh, pea)},
-                     args.rounds, args.device)
+        def run():
+            ends.clear()
+            unet_before = spent["unet"]
+            pipe([prompt] * args.batch, language=code, generator=torch.Generator().manual_seed(0),
+                 num_inference_steps=args.steps, guidance_scale=7.5, output_type="latent",
+                 callback_on_step_end=on_step_end)
+            steps[side].extend(b - a for a, b in itertools.pairwise(ends))
+            spent[f"unet_{side}"] = spent.get(f"unet_{side}", 0.0) + spent["unet"] - unet_before
+        return run
+
+    spent, handles = _module_seconds({"unet": pipe.unet, "branch": pipe.branches["zh"]}, args.device)
+    try:  # and where a bdm step's time goes: the UNet, the branch, the rest (composing, the scheduler)
+        t = _interleaved({"plain": call(prompt_en, "en", "plain"), "bdm": call(prompt_zh, "zh", "bdm"),
+                          "pea": call(prompt_zh, pea, "pea")}, args.rounds, args.device)
+    finally:
+        for h in handles:
+            h.remove()
+    per_step = {k: statistics.median(v) for k, v in steps.items()} if args.steps > 1 else None
+    calls = args.rounds + 1  # the warm-up round too
+    bdm_split = {"unet": spent["unet_bdm"] / (calls * args.steps), "branch": spent["branch"] / (calls * args.steps),
+                 "unet_in_a_plain_step": spent["unet_plain"] / (calls * args.steps)}
     return {"seconds": t, "bdm_vs_plain": t["bdm"] / t["plain"], "pea_vs_plain": t["pea"] / t["plain"],
+            "bdm_step_split_seconds": bdm_split, "step_seconds": per_step,
+            "step_bdm_vs_plain": per_step and per_step["bdm"] / per_step["plain"],
+            "step_pea_vs_plain": per_step and per_step["pea"] / per_step["plain"],
             "batch": args.batch, "steps": args.steps, "targets_sd15": {"bdm": 1.38, "pea": 1.05}}
 
 
@@ -162,33 +202,76 @@ def part_mixed(pipe: PolyBridgePipeline, args, sd15: bool, work: Path) -> dict:
     kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, output_type="latent")
     gens = lambda k: [torch.Generator().manual_seed(i) for i in range(k)]  # noqa: E731
     # four per-language pipelines, each with its own backbone (as peers load a model per language)
-    per_language = {c: (_sd15(work, [] if c == "en" else [c], args.device) if sd15 else
-                        _tiny([] if c == "en" else [c], args.device)) for c in codes}
+    if sd15 and not args.device.startswith("cuda"):  # four SD 1.5 backbones do not fit a small machine's memory:
+        per_language = {c: pipe for c in codes}     # the same four calls on one backbone (the same computation)
+    else:
+        per_language = {c: (_sd15(work, [] if c == "en" else [c], args.device) if sd15 else
+                            _tiny([] if c == "en" else [c], args.device)) for c in codes}
     sides = {
         "mixed_one_call": lambda: pipe(prompts, language=languages, generator=gens(16), **kw),
         "four_pipelines": lambda: [per_language[c](MIXED[c], language=c, generator=gens(4), **kw) for c in codes],
         "sixteen_calls": lambda: [pipe(p, language=c, generator=gens(1), **kw) for p, c in zip(prompts, languages)],
     }
     t = _interleaved(sides, args.rounds, args.device)
-    per_pipe_bytes = {c: _params(p.unet, p.vae, p.text_encoder, *p.encoders.values(), *p.branches.values())
-                      for c, p in per_language.items()}
-    # memory with 6 languages loaded
-    # SD 1.5 size: the languages loaded (6 bdm branches of SD 1.5 are ~2.2B parameters, too many for a small machine)
-    six = pipe if sd15 else _tiny(SIX, args.device)
-    loaded = [c for c in six.encoders if c != "pea"]
-    apart = _params(six.unet, six.vae, six.text_encoder) + sum(
-        _params(six.encoders[c]) + _params(six.branches[c]) for c in loaded)
-    whole = _params(*(m for m in six.components.values() if isinstance(m, torch.nn.Module)))  # each parameter once
-    backbone = _params(six.unet, six.vae, six.text_encoder)
-    per_language_total = sum(backbone + _params(six.encoders[c]) + _params(six.branches[c]) for c in loaded)
     return {"seconds": t, "images_per_second": {k: 16 / v for k, v in t.items()},
+            "four_pipelines_own_backbones": any(p is not pipe for p in per_language.values()),
             "mixed_vs_four_pipelines": t["four_pipelines"] / t["mixed_one_call"],
             "mixed_vs_sixteen_calls": t["sixteen_calls"] / t["mixed_one_call"],
-            "memory": {"languages_loaded": loaded, "pipeline_bytes": whole, "parts_apart_bytes": apart,
-                       "pipeline_vs_parts": whole / apart, "six_per_language_pipelines_bytes": per_language_total,
-                       "saved_vs_per_language_pipelines": per_language_total / whole,
-                       "four_pipelines_bytes": sum(per_pipe_bytes.values())},
-            "target": {"mixed_vs_four_pipelines": 2.5, "pipeline_vs_parts": 1.10}}
+            "target": {"mixed_vs_four_pipelines": 2.5}}
+
+
+def _resident(device: str) -> tuple[int, int]:
+    """(now, peak) bytes: the process's resident set on a CPU (``/proc/self/status``), allocated memory on CUDA."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def memory_child(args) -> dict:
+    """In a fresh process: memory before and after loading one pipeline with 6 languages, and at the peak of a
+    call with a prompt in each, against the bytes of its parts counted apart."""
+    import gc
+
+    from diffusers import StableDiffusionPipeline  # noqa: F401  (imported before the first reading: code is not the model)
+    from transformers import AutoTokenizer, CLIPTextModel  # noqa: F401
+
+    work = Path(args.memory_child)
+    gc.collect()
+    before, _ = _resident(args.device)
+    pipe = _sd15(work, list(SIX), args.device) if args.sd15 else _tiny(list(SIX), args.device)
+    for module in pipe.components.values():  # weights read lazily (memory-mapped files) count once they are read
+        for p in module.parameters() if isinstance(module, torch.nn.Module) else ():
+            p.sum()
+    gc.collect()
+    loaded, _ = _resident(args.device)
+    backbone = _params(pipe.unet, pipe.vae, pipe.text_encoder)
+    parts = {c: _params(pipe.encoders[c]) + _params(pipe.branches[c]) for c in SIX}
+    apart = backbone + sum(parts.values())
+    pipe(list(SIX.values()), language=list(SIX), num_inference_steps=1, guidance_scale=7.5, output_type="latent",
+         generator=[torch.Generator().manual_seed(i) for i in range(6)])
+    _, peak = _resident(args.device)
+    per_language = sum(backbone + b for b in parts.values())
+    return {"measured": "CUDA memory allocated" if args.device.startswith("cuda") else "process resident set (RSS)",
+            "languages_loaded": list(SIX), "parts_apart_bytes": apart, "loaded_bytes": loaded - before,
+            "loaded_vs_parts": (loaded - before) / apart, "peak_in_a_call_bytes": peak - before,
+            "peak_vs_parts": (peak - before) / apart, "each_parameter_once": _params(
+                *(m for m in pipe.components.values() if isinstance(m, torch.nn.Module))) == apart,
+            "six_per_language_pipelines_bytes": per_language,
+            "per_language_pipelines_vs_loaded": per_language / (loaded - before),
+            "target": {"loaded_vs_parts": 1.10}}
+
+
+def part_memory(args, work: Path) -> dict:
+    """``memory_child`` in a fresh interpreter (a process's memory only grows, so it must start clean)."""
+    import subprocess
+
+    argv = [sys.executable, __file__, "--memory-child", str(work), "--device", args.device,
+            *(["--sd15"] if args.sd15 else []), *(["--threads", str(args.threads)] if args.threads else [])]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"the memory part's child failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _module_seconds(modules: dict[str, torch.nn.Module], device: str) -> tuple[dict[str, float], list]:
@@ -222,9 +305,10 @@ def part_profile(pipe: PolyBridgePipeline, args) -> dict:
     def unet_call(rows: int):
         x = torch.randn(rows, unet.config.in_channels, size, size, device=args.device, dtype=unet.dtype)
         return lambda: unet(x, 500, encoder_hidden_states=ctx.expand(rows, -1, -1))
-    t = _interleaved({"rows_8": unet_call(8), "rows_32": unet_call(32)}, max(args.rounds, 5), args.device)
+    t = _interleaved({"rows_8": unet_call(8), "rows_32": unet_call(32)}, args.profile_rounds, args.device)
     bound = 4 * t["rows_8"] / t["rows_32"]
-    modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
+    # the VAE decodes through vae.decode(), not its forward: its decoder's forward is what runs
+    modules = {"unet": pipe.unet, "vae": pipe.vae.decoder, "text_encoder": pipe.text_encoder,
                **{f"branch:{c}": b for c, b in pipe.branches.items()},
                **{f"encoder:{c}": e for c, e in pipe.encoders.items()}}
     spent, handles = _module_seconds({k: v for k, v in modules.items() if isinstance(v, torch.nn.Module)},
@@ -296,11 +380,12 @@ def part_server(pipe: PolyBridgePipeline, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sd15", action="store_true", help="SD 1.5's architecture (random weights) instead of tiny")
-    parser.add_argument("--parts", nargs="+", default=["step", "mixed", "server"],
-                        choices=["step", "mixed", "server", "profile"])
+    parser.add_argument("--parts", nargs="+", default=["step", "mixed", "memory", "server"],
+                        choices=["step", "mixed", "memory", "server", "profile"])
     parser.add_argument("--steps", type=int, default=10, help="denoising steps a call (parts step and mixed)")
     parser.add_argument("--batch", type=int, default=16, help="prompts a call in part step")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile-rounds", type=int, default=5, help="rounds of the profile's UNet timings")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--server-steps", type=int, default=10)
     parser.add_argument("--max-batch", type=int, default=16)
@@ -308,25 +393,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # the memory part's own process
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        with torch.no_grad():
+            print(json.dumps(memory_child(args), default=float))
+        return 0
     arch = "sd15" if args.sd15 else "tiny"
     result = {"arch": arch, "device": args.device, "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         work = Path(tmp)
         codes = list(MIXED)[1:] if "mixed" in args.parts or not args.sd15 else ["zh"]
-        pipe = _sd15(work, codes, args.device) if args.sd15 else _tiny(codes, args.device)
+        pipe = None
+        if set(args.parts) - {"memory"}:  # the memory part loads its own, in its own process
+            pipe = _sd15(work, codes, args.device) if args.sd15 else _tiny(codes, args.device)
+        elif args.sd15:
+            _sd15_folder(work)
         if "step" in args.parts:
             result["step"] = part_step(pipe, args, args.sd15)
-            print(f"[{arch}] per call, batch {args.batch}, {args.steps} steps: bdm {result['step']['bdm_vs_plain']:.3f}x, "
-                  f"pea {result['step']['pea_vs_plain']:.3f}x the plain backbone", flush=True)
+            st = result["step"]
+            print(f"[{arch}] per call, batch {args.batch}, {args.steps} steps: bdm {st['bdm_vs_plain']:.3f}x, "
+                  f"pea {st['pea_vs_plain']:.3f}x the plain backbone", flush=True)
+            if st["step_seconds"]:
+                split = st["bdm_step_split_seconds"]
+                print(f"[{arch}] per denoising step: bdm {st['step_bdm_vs_plain']:.3f}x, pea {st['step_pea_vs_plain']:.3f}x "
+                      f"the plain backbone; in a bdm step the UNet takes {split['unet']:.3g}s (in a plain one "
+                      f"{split['unet_in_a_plain_step']:.3g}s), the branch {split['branch']:.3g}s "
+                      f"({split['branch'] / split['unet_in_a_plain_step']:.3f}x the plain UNet)", flush=True)
         if "mixed" in args.parts:
             m = result["mixed"] = part_mixed(pipe, args, args.sd15, work)
             print(f"[{arch}] 4x4 mixed in one call: {m['mixed_vs_four_pipelines']:.2f}x four per-language pipelines, "
-                  f"{m['mixed_vs_sixteen_calls']:.2f}x sixteen single calls; memory with 6 languages "
-                  f"{m['memory']['pipeline_vs_parts']:.3f}x the parts, per-language pipelines "
-                  f"{m['memory']['saved_vs_per_language_pipelines']:.2f}x", flush=True)
+                  f"{m['mixed_vs_sixteen_calls']:.2f}x sixteen single calls", flush=True)
+        if "memory" in args.parts:
+            mem = result["memory"] = part_memory(args, work)
+            print(f"[{arch}] memory with 6 languages loaded ({mem['measured']}): {mem['loaded_vs_parts']:.3f}x "
+                  f"backbone + encoders + branches counted apart, at a call's peak {mem['peak_vs_parts']:.2f}x; "
+                  f"6 per-language pipelines would hold {mem['per_language_pipelines_vs_loaded']:.2f}x", flush=True)
         if "profile" in args.parts:
             pr = result["profile"] = part_profile(pipe, args)
             print(f"[{arch}] UNet time per row at 32 rows: {pr['unet_row_cost_32_vs_8']:.2f}x at 8 rows, so one call "
