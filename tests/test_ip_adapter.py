@@ -194,6 +194,12 @@ def test_generate_with_an_ip_adapter_plugin(tmp_path, capsys):
     use_plugins(pipe, load_registry(file), ip_adapter="look")
     scales = {p.scale[0] for p in pipe.unet.attn_processors.values() if hasattr(p, "scale")}
     assert scales == {0.6}
+    # the server leaves it out (a request has no image prompt) and says why
+    from polybridge.plugins.use import load_served_plugins
+
+    served = PolyBridgePipeline.from_registry(load_registry(file), languages=["zh"])
+    skipped = load_served_plugins(served, load_registry(file))
+    assert skipped["look"].startswith("an ip_adapter plugin: the server applies lora and textual_inversion")
     # `registry validate` checks the folder's weights and image encoder
     from polybridge.plugins.use import check_plugin
 

@@ -192,7 +192,8 @@ def check_plugin(registry: Any, name: str) -> str:
     return "ok"
 
 
-#: The plugin kinds a server applies per request (a ControlNet needs a hint image, a checkpoint is a backbone).
+#: The plugin kinds a server applies per request (a ControlNet needs a hint image, an IP-Adapter an image prompt,
+#: a checkpoint is a backbone).
 SERVED_KINDS = ("lora", "textual_inversion")
 
 
@@ -214,7 +215,8 @@ def load_served_plugins(pipe: Any, registry: Any, names: Sequence[str] | None = 
         if names is not None and name not in names:
             continue
         if spec.kind not in SERVED_KINDS:
-            skipped[name] = (f"a {spec.kind} plugin: the server applies {' and '.join(SERVED_KINDS)} plugins per "
+            article = "an" if spec.kind[0] in "aeiou" else "a"
+            skipped[name] = (f"{article} {spec.kind} plugin: the server applies {' and '.join(SERVED_KINDS)} plugins per "
                              "request; `polybridge generate` applies this one")
             continue
         try:
