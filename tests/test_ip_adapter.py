@@ -218,3 +218,38 @@ def test_generate_with_an_ip_adapter_plugin(tmp_path, capsys):
         code, err = run("-o", str(tmp_path / "bad.png"), *argv)
         assert code == 2 and message in err and "Traceback" not in err, err
         assert not (tmp_path / "bad.png").exists()
+
+
+def test_sdxl_english_prompt_with_an_image_prompt_equals_stable_diffusion_xl(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from tiny_components import get_dummy_sdxl_components
+
+    folder = make_ip_adapter(get_dummy_sdxl_components()["unet"], tmp_path / "ip-xl")
+    xl = StableDiffusionXLPipeline(**get_dummy_sdxl_components())
+    xl.set_progress_bar_config(disable=True)
+    xl.load_ip_adapter(folder, subfolder="", weight_name=WEIGHT)
+    pipe = PolyBridgePipeline(**get_dummy_sdxl_components())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(folder, subfolder="", weight_name=WEIGHT)
+    # a negative prompt and the guidance given: SDXL's own zeroes an empty negative and defaults to 5
+    kw = {"negative_prompt": "blurry", "ip_adapter_image": _image(), "num_inference_steps": STEPS,
+          "guidance_scale": 5.0, "output_type": "latent"}
+    ours = pipe(EN, language="en", generator=gen(), **kw).images
+    theirs = xl(EN, generator=gen(), **kw).images
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5)
+    pipe.set_ip_adapter_scale(0.0)
+    assert not torch.allclose(pipe(EN, language="en", generator=gen(), **kw).images, ours, atol=1e-3)
+
+
+def test_non_finite_ip_adapter_weights_are_refused(adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(adapter / WEIGHT))
+    state["image_proj.proj.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    save_file(state, str(bad / WEIGHT))
+    pipe = _pipe()
+    with pytest.raises(PolyBridgeError, match=r"nan/ip-adapter\.safetensors: IP-Adapter weights.*(NaN|non-finite)"):
+        pipe.load_ip_adapter(bad, subfolder="", weight_name=WEIGHT)
+    assert pipe.image_encoder is None
