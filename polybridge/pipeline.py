@@ -176,8 +176,8 @@ class PolyBridgePipeline(DiffusionPipeline, CheckedLoaders, StableDiffusionLoraL
                          TextualInversionLoaderMixin, FromSingleFileMixin, IPAdapterMixin):
     """Text-to-image with one frozen English backbone and native-language branches.
 
-    diffusers' loader mixins (LoRA, Textual Inversion, single file) act on the backbone only; a ``controlnet``
-    component (``ControlNetModel`` / ``MultiControlNetModel``) conditions every row beside the branches.
+    diffusers' loader mixins (LoRA, Textual Inversion, IP-Adapter, single file) act on the backbone only; a
+    ``controlnet`` component (``ControlNetModel`` / ``MultiControlNetModel``) conditions every row beside the branches.
 
     Build it with :meth:`from_registry`, or from components and :meth:`add_language`::
 
