@@ -37,7 +37,8 @@ def _pipe(trained: bool = True, seed: int = 0) -> PolyBridgePipeline:
     pipe = PolyBridgePipeline(**c)
     pipe.set_progress_bar_config(disable=True)
     branch = BDMBranch.from_unet(c["unet"], 48, encoder_name="./encoder")
-    pipe.add_language("zh", native_encoder(48, seed=1), perturb_(branch, seed=3) if trained else branch, trained=trained)
+    pipe.add_language("zh", native_encoder(48, seed=1), perturb_(branch, seed=3) if trained else branch,
+                      trained=trained)
     return pipe
 
 
@@ -184,7 +185,8 @@ def test_generate_with_an_ip_adapter_plugin(tmp_path, capsys):
 
     code, err = run("-o", str(tmp_path / "plain.png"))
     assert code == 0, err
-    code, err = run("-o", str(tmp_path / "look.out.png"), "--ip-adapter", "look", "--ip-image", str(tmp_path / "look.png"))
+    code, err = run("-o", str(tmp_path / "look.out.png"), "--ip-adapter", "look", "--ip-image",
+                    str(tmp_path / "look.png"))
     assert code == 0, err
     plain = np.asarray(PIL.Image.open(tmp_path / "plain.png"))
     look = np.asarray(PIL.Image.open(tmp_path / "look.out.png"))
