@@ -159,13 +159,17 @@ def part_step(pipe: PolyBridgePipeline, args, sd15: bool) -> dict:
     pea = _with_pea(pipe, "zh", sd15)
     prompt_zh, prompt_en = MIXED["zh"][0], MIXED["en"][0]
     steps: dict[str, list[float]] = {"plain": [], "bdm": [], "pea": []}
+    unet_seconds = dict.fromkeys(steps, 0.0)  # the UNet's time in each side's calls
+    # and where a bdm step's time goes: the UNet, the branch, the rest (composing, the scheduler)
+    spent, handles = _module_seconds({"unet": pipe.unet, "branch": pipe.branches["zh"]}, args.device)
 
     def call(prompt, code, side):
+        ends: list[float] = []
+
         def on_step_end(_pipe, i, _t, _kw):
             _sync(args.device)
             ends.append(time.perf_counter())
             return {}
-        ends: list[float] = []
 
         def run():
             ends.clear()
@@ -174,11 +178,10 @@ def part_step(pipe: PolyBridgePipeline, args, sd15: bool) -> dict:
                  num_inference_steps=args.steps, guidance_scale=7.5, output_type="latent",
                  callback_on_step_end=on_step_end)
             steps[side].extend(b - a for a, b in itertools.pairwise(ends))
-            spent[f"unet_{side}"] = spent.get(f"unet_{side}", 0.0) + spent["unet"] - unet_before
+            unet_seconds[side] += spent["unet"] - unet_before
         return run
 
-    spent, handles = _module_seconds({"unet": pipe.unet, "branch": pipe.branches["zh"]}, args.device)
-    try:  # and where a bdm step's time goes: the UNet, the branch, the rest (composing, the scheduler)
+    try:
         t = _interleaved({"plain": call(prompt_en, "en", "plain"), "bdm": call(prompt_zh, "zh", "bdm"),
                           "pea": call(prompt_zh, pea, "pea")}, args.rounds, args.device)
     finally:
@@ -186,8 +189,8 @@ def part_step(pipe: PolyBridgePipeline, args, sd15: bool) -> dict:
             h.remove()
     per_step = {k: statistics.median(v) for k, v in steps.items()} if args.steps > 1 else None
     calls = args.rounds + 1  # the warm-up round too
-    bdm_split = {"unet": spent["unet_bdm"] / (calls * args.steps), "branch": spent["branch"] / (calls * args.steps),
-                 "unet_in_a_plain_step": spent["unet_plain"] / (calls * args.steps)}
+    bdm_split = {"unet": unet_seconds["bdm"] / (calls * args.steps), "branch": spent["branch"] / (calls * args.steps),
+                 "unet_in_a_plain_step": unet_seconds["plain"] / (calls * args.steps)}
     return {"seconds": t, "bdm_vs_plain": t["bdm"] / t["plain"], "pea_vs_plain": t["pea"] / t["plain"],
             "bdm_step_split_seconds": bdm_split, "step_seconds": per_step,
             "step_bdm_vs_plain": per_step and per_step["bdm"] / per_step["plain"],

@@ -18,7 +18,11 @@ from typing import Any
 import torch
 
 from polybridge.conditioning import Conditioning
+from polybridge.errors import PolyBridgeValueError
 from polybridge.plugins import PluginError
+
+#: The weights file of an IP-Adapter folder (diffusers' and the registry's default ``weight_name``).
+WEIGHT_NAME = "ip-adapter.safetensors"
 
 
 def has_ip_adapter(unet: Any) -> bool:
@@ -72,10 +76,9 @@ def ip_adapter_mismatches(state_dict: dict[str, dict[str, torch.Tensor]], unet: 
 
 def read_local(source: str | Path, subfolder: str, weight_name: str) -> dict[str, dict[str, torch.Tensor]] | None:
     """A local IP-Adapter file as diffusers splits it (``image_proj`` / ``ip_adapter``); ``None`` for a hub id."""
-    folder = Path(source) / (subfolder or "")
     if not Path(source).exists():
         return None
-    path = folder / weight_name
+    path = Path(source) / (subfolder or "") / weight_name
     if not path.is_file():
         raise PluginError(f"IP-Adapter {source}: no weights file {path} (weight_name={weight_name!r}"
                           f"{f', subfolder={subfolder!r}' if subfolder else ''})")
@@ -93,20 +96,23 @@ def read_local(source: str | Path, subfolder: str, weight_name: str) -> dict[str
     return state
 
 
+def image_encoder_dir(source: str | Path, subfolder: str, image_encoder_folder: str) -> Path:
+    """Where diffusers' ``load_ip_adapter`` reads the image encoder: under ``subfolder``, unless the folder is given
+    as a path."""
+    base = Path(source) if "/" in image_encoder_folder else Path(source) / (subfolder or "")
+    return base / image_encoder_folder
+
+
 def call_image_embeds(pipe: Any, image: Any, embeds: Any, images: int, do_cfg: bool,
                       device: torch.device) -> list[torch.Tensor] | None:
     """The UNet's ``image_embeds`` for a call of ``images`` images (one list entry per loaded adapter)."""
     loaded = has_ip_adapter(pipe.unet)
     if image is None and embeds is None:
         if loaded:
-            from polybridge.errors import PolyBridgeValueError
-
             raise PolyBridgeValueError("an IP-Adapter is loaded: give ip_adapter_image= (or ip_adapter_image_embeds=), "
                                        "or call pipe.unload_ip_adapter()")
         return None
     if not loaded:
-        from polybridge.errors import PolyBridgeValueError
-
         raise PolyBridgeValueError("ip_adapter_image / ip_adapter_image_embeds: no IP-Adapter is loaded; load one "
                                    "with pipe.load_ip_adapter(folder, subfolder=..., weight_name=...)")
     return pipe.prepare_ip_adapter_image_embeds(image, embeds, device, images, do_cfg)

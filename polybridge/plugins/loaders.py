@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from polybridge.plugins import PluginError
+from polybridge.plugins import ip_adapter as ip
 
 
 def _plugin_name(source: Any, adapter_name: str | None = None) -> str:
@@ -111,12 +112,10 @@ class CheckedLoaders:
             raise PluginError(f"Textual Inversion {name!r}: {message}; {self._fits_hint()}") from None
 
     def load_ip_adapter(self, pretrained_model_name_or_path_or_dict: Any, subfolder: Any = "",
-                        weight_name: Any = "ip-adapter.safetensors", image_encoder_folder: str | None = "image_encoder",
+                        weight_name: Any = ip.WEIGHT_NAME, image_encoder_folder: str | None = "image_encoder",
                         **kwargs: Any) -> None:
         """diffusers' ``load_ip_adapter``, the weights checked against the backbone UNet first (a local folder or
         a state dict); if loading fails half-way, the pipeline is put back as it was."""
-        from polybridge.plugins import ip_adapter as ip
-
         sources = pretrained_model_name_or_path_or_dict
         names = weight_name if isinstance(weight_name, list) else [weight_name]
         sources = sources if isinstance(sources, list) else [sources] * len(names)
@@ -131,8 +130,7 @@ class CheckedLoaders:
                 raise PluginError(f"IP-Adapter {_plugin_name(source)} is for another architecture: "
                                   f"{'; '.join(problems[:3])}{more}; {self._fits_hint()}")
             if not isinstance(source, Mapping) and image_encoder_folder and self.image_encoder is None:
-                folder = Path(source) / (sub or "") / image_encoder_folder if "/" not in image_encoder_folder else \
-                    Path(source) / image_encoder_folder
+                folder = ip.image_encoder_dir(source, sub, image_encoder_folder)
                 if not (folder / "config.json").is_file():
                     raise PluginError(f"IP-Adapter {source}: no image encoder at {folder} (a CLIPVisionModelWithProjection "
                                       "folder); give image_encoder_folder=, or load the pipeline's image_encoder first")

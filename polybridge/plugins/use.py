@@ -24,6 +24,7 @@ from typing import Any
 
 from polybridge import catalog
 from polybridge.plugins import PluginError
+from polybridge.plugins import ip_adapter as ip
 
 
 def parse_lora(text: str) -> tuple[str, float | None]:
@@ -80,12 +81,7 @@ def use_plugins(pipe: Any, registry: Any, *, loras: Sequence[str] = (), controln
     specs += [_spec(registry, ip_adapter, "ip_adapter", pipe)] if ip_adapter else []
     before = _snapshot(pipe)
     try:
-        _load(pipe, registry, checkpoint, tis, lora_scales, controlnets)
-        if ip_adapter:
-            spec = registry.plugin(ip_adapter)
-            pipe.load_ip_adapter(_source(registry, spec), subfolder="",
-                                 weight_name=spec.weight_name or "ip-adapter.safetensors")
-            pipe.set_ip_adapter_scale(spec.scale)
+        _load(pipe, registry, checkpoint, tis, lora_scales, controlnets, ip_adapter)
     except BaseException:
         _restore(pipe, before)
         raise
@@ -112,7 +108,7 @@ def _restore(pipe: Any, before: dict[str, Any]) -> None:
 
 
 def _load(pipe: Any, registry: Any, checkpoint: str | None, tis: Sequence[str],
-          lora_scales: list[tuple[str, float | None]], controlnets: Sequence[str]) -> None:
+          lora_scales: list[tuple[str, float | None]], controlnets: Sequence[str], ip_adapter: str | None) -> None:
     if checkpoint:
         spec = registry.plugin(checkpoint, "checkpoint")
         pipe.swap_backbone(_source(registry, spec), variant=spec.variant, config=registry.backbone_source(spec.backbone))
@@ -130,6 +126,10 @@ def _load(pipe: Any, registry: Any, checkpoint: str | None, tis: Sequence[str],
     if controlnets:
         nets = [load_controlnet(_source(registry, registry.plugin(n)), n, pipe.unet) for n in controlnets]
         pipe.set_controlnet(nets if len(nets) > 1 else nets[0])
+    if ip_adapter:
+        spec = registry.plugin(ip_adapter)
+        pipe.load_ip_adapter(_source(registry, spec), subfolder="", weight_name=spec.weight_name or ip.WEIGHT_NAME)
+        pipe.set_ip_adapter_scale(spec.scale)
 
 
 def load_controlnet(source: str | Path, name: str, unet: Any = None) -> Any:
@@ -164,7 +164,7 @@ def check_plugin(registry: Any, name: str) -> str:
         raise PluginError(f"{where}: {source} does not exist")
     files = [source] if source.is_file() else sorted(source.rglob("*.safetensors"))
     if spec.weight_name or spec.kind == "ip_adapter":
-        files = [source / (spec.weight_name or "ip-adapter.safetensors")]
+        files = [source / (spec.weight_name or ip.WEIGHT_NAME)]
     if spec.kind == "ip_adapter" and not (source / "image_encoder" / "config.json").is_file():
         raise PluginError(f"{where}: no image encoder at {source / 'image_encoder'} (an IP-Adapter folder holds "
                           "its weights and a CLIPVisionModelWithProjection folder image_encoder/)")
@@ -216,8 +216,8 @@ def load_served_plugins(pipe: Any, registry: Any, names: Sequence[str] | None = 
             continue
         if spec.kind not in SERVED_KINDS:
             article = "an" if spec.kind[0] in "aeiou" else "a"
-            skipped[name] = (f"{article} {spec.kind} plugin: the server applies {' and '.join(SERVED_KINDS)} plugins per "
-                             "request; `polybridge generate` applies this one")
+            skipped[name] = (f"{article} {spec.kind} plugin: the server applies {' and '.join(SERVED_KINDS)} "
+                             "plugins per request; `polybridge generate` applies this one")
             continue
         try:
             use_plugins(pipe, registry, **({"loras": [name]} if spec.kind == "lora" else {"tis": [name]}))
